@@ -1,0 +1,76 @@
+namespace Distributed.Cluster;
+
+/// <summary>
+/// A group of ranks that exchange float data. Every collective must be called by every rank of the
+/// group, in the same order, with compatible sizes. All buffers are flat float spans; the caller owns
+/// the layout. Implementations count calls and bytes per operation (<see cref="Counters"/>) and number
+/// the collectives each rank enters (<see cref="CollectiveSequence"/>), so a hang can be named.
+/// </summary>
+public interface ICommunicator : IDisposable
+{
+    /// <summary>This rank's index in the group, 0 ≤ Rank &lt; Size.</summary>
+    int Rank { get; }
+
+    /// <summary>Number of ranks in the group.</summary>
+    int Size { get; }
+
+    /// <summary>Per-operation call and byte counters of this rank.</summary>
+    CommunicatorCounters Counters { get; }
+
+    /// <summary>How many collectives (and point-to-point exchanges) this rank has entered so far.</summary>
+    long CollectiveSequence { get; }
+
+    /// <summary>
+    /// Gathers every rank's <paramref name="send"/> block into <paramref name="receive"/> in rank order.
+    /// Every rank sends the same count; <c>receive.Length == Size * send.Length</c>.
+    /// </summary>
+    void AllGather(ReadOnlySpan<float> send, Span<float> receive);
+
+    /// <summary>
+    /// Gathers blocks of different sizes in rank order: rank r sends <c>counts[r]</c> floats and
+    /// <c>receive.Length == counts.Sum()</c>.
+    /// </summary>
+    void AllGatherVariable(ReadOnlySpan<float> send, Span<float> receive, ReadOnlySpan<int> counts);
+
+    /// <summary>Element-wise sum over ranks; every rank gets the sum. <c>receive.Length == send.Length</c>.
+    /// <paramref name="send"/> and <paramref name="receive"/> may be the same memory.</summary>
+    void AllReduceSum(ReadOnlySpan<float> send, Span<float> receive);
+
+    /// <summary>
+    /// Element-wise sum over ranks of <paramref name="send"/> (<c>Size</c> equal blocks), of which rank r
+    /// keeps block r: <c>send.Length == Size * receive.Length</c>.
+    /// </summary>
+    void ReduceScatterSum(ReadOnlySpan<float> send, Span<float> receive);
+
+    /// <summary>
+    /// Block s of <paramref name="send"/> goes to rank s; block s of <paramref name="receive"/> came from
+    /// rank s. Both have <c>Size</c> equal blocks.
+    /// </summary>
+    void AllToAll(ReadOnlySpan<float> send, Span<float> receive);
+
+    /// <summary>Sends <paramref name="send"/> to rank <paramref name="destination"/> while receiving
+    /// <paramref name="receive"/> from rank <paramref name="source"/>; blocks until both are done.</summary>
+    void SendRecv(ReadOnlySpan<float> send, int destination, Span<float> receive, int source);
+
+    /// <summary>
+    /// Starts a send/receive pair and returns at once, so computation can overlap the transfer
+    /// (ring attention). The buffers must stay untouched until <see cref="CommRequest.Wait"/> returns.
+    /// </summary>
+    CommRequest StartSendRecv(ReadOnlyMemory<float> send, int destination, Memory<float> receive, int source);
+
+    /// <summary>Blocks until every rank of the group has entered the barrier.</summary>
+    void Barrier();
+
+    /// <summary>
+    /// Splits the group: ranks with the same <paramref name="color"/> form a new group, ordered by
+    /// <paramref name="key"/> (then by old rank). Collective over this group.
+    /// </summary>
+    ICommunicator Split(int color, int key);
+}
+
+/// <summary>An exchange in flight, started by <see cref="ICommunicator.StartSendRecv"/>.</summary>
+public abstract class CommRequest
+{
+    /// <summary>Blocks until the send and the receive have both completed. Call exactly once.</summary>
+    public abstract void Wait();
+}
