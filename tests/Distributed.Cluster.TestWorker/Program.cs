@@ -1,1 +1,39 @@
-Console.WriteLine("placeholder");
+using Distributed.Cluster;
+using Distributed.Cluster.TestWorker;
+
+// The MPI side of the communicator tests, started by the tests as `mpiexec -n P dotnet worker.dll MODE`.
+//   contract    runs every CommunicatorContract check and prints "CHECK <name> <rank> ok|FAIL <why>"
+//   fail <R>    rank R throws while the others wait in a collective (the job must abort, naming R)
+string mode = args.Length > 0 ? args[0] : "contract";
+return MpiCommunicator.RunWorld(comm =>
+{
+    if (mode == "fail")
+    {
+        int failing = int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture);
+        comm.Barrier();
+        if (comm.Rank == failing) throw new InvalidOperationException($"deliberate failure on rank {failing}");
+        var x = new float[4];
+        comm.AllReduceSum(x, x);
+        comm.Barrier();
+        return 0;
+    }
+    int failures = 0;
+    foreach (string name in CommunicatorContract.Names)
+    {
+        string verdict;
+        try
+        {
+            CommunicatorContract.Run(name, comm);
+            verdict = "ok";
+        }
+        catch (ContractViolation e)
+        {
+            verdict = "FAIL " + e.Message;
+            failures++;
+        }
+        Console.WriteLine($"CHECK {name} {comm.Rank} {verdict}");
+        comm.Barrier();
+    }
+    Console.WriteLine($"DONE {comm.Rank} size={comm.Size} library={MpichLibrary.LoadedName}");
+    return failures == 0 ? 0 : 1;
+});

@@ -1,0 +1,425 @@
+namespace Distributed.Cluster;
+
+/// <summary>
+/// P ranks as threads of one process: the embedded default of <c>dsattn run</c> and of the tests.
+/// Data is copied as a network would copy it: every contribution is copied into a private message when
+/// sent and copied again into the receiver's buffer; no rank ever reads another rank's memory.
+/// When one rank fails, every rank waiting in (or later entering) a collective of the job is released
+/// at once with <see cref="CommunicatorAbortedException"/>, so no rank waits forever.
+/// </summary>
+public sealed class InProcessCommunicator : ICommunicator
+{
+    private readonly InProcessGroup _group;
+    private long _sequence;
+    private int _splits;
+
+    private InProcessCommunicator(InProcessGroup group, int rank)
+    {
+        _group = group;
+        Rank = rank;
+    }
+
+    /// <inheritdoc/>
+    public int Rank { get; }
+
+    /// <inheritdoc/>
+    public int Size => _group.Size;
+
+    /// <inheritdoc/>
+    public CommunicatorCounters Counters { get; } = new();
+
+    /// <inheritdoc/>
+    public long CollectiveSequence => Interlocked.Read(ref _sequence);
+
+    /// <summary>The operation this rank is in now (null when none), for hang reports.</summary>
+    public string? CurrentOperation { get; private set; }
+
+    /// <summary>
+    /// Runs <paramref name="body"/> on <paramref name="size"/> ranks, each on its own thread, and returns
+    /// their results in rank order.
+    /// </summary>
+    /// <param name="size">Number of ranks, at least 1.</param>
+    /// <param name="body">The rank's work; it gets its communicator (disposed afterwards).</param>
+    /// <param name="timeout">Fail the job when it has not finished by then; null means no limit.</param>
+    /// <exception cref="RankFailedException">A rank threw (the lowest failing rank is reported, with its
+    /// exception inside), or the timeout elapsed (naming the ranks still running and where they are).</exception>
+    public static T[] Run<T>(int size, Func<ICommunicator, T> body, TimeSpan? timeout = null)
+    {
+        if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), size, "The number of ranks must be at least 1.");
+        ArgumentNullException.ThrowIfNull(body);
+        var job = new InProcessJob();
+        var world = new InProcessGroup(job, size);
+        var comms = new InProcessCommunicator[size];
+        for (int r = 0; r < size; r++) comms[r] = new InProcessCommunicator(world, r);
+        var results = new T[size];
+        var errors = new Exception?[size];
+        var threads = new Thread[size];
+        for (int r = 0; r < size; r++)
+        {
+            int rank = r;
+            threads[r] = new Thread(() =>
+            {
+                try
+                {
+                    results[rank] = body(comms[rank]);
+                }
+                catch (Exception e)
+                {
+                    errors[rank] = e;
+                    job.Fail(rank, e);
+                }
+                finally
+                {
+                    comms[rank].Dispose();
+                }
+            })
+            { IsBackground = true, Name = $"rank {rank}" };
+            threads[r].Start();
+        }
+
+        var deadline = timeout is { } t ? DateTime.UtcNow + t : DateTime.MaxValue;
+        foreach (var th in threads)
+        {
+            var left = deadline - DateTime.UtcNow;
+            if (deadline == DateTime.MaxValue) th.Join();
+            else if (left <= TimeSpan.Zero || !th.Join(left))
+            {
+                var running = Enumerable.Range(0, size).Where(r => threads[r].IsAlive)
+                    .Select(r => $"rank {r} in {comms[r].CurrentOperation ?? "computation"} (collective #{comms[r].CollectiveSequence})").ToList();
+                var timeoutError = new TimeoutException($"the job did not finish within {timeout!.Value.TotalSeconds:F0} s; still running: {string.Join(", ", running)}");
+                job.Fail(-1, timeoutError);
+                int first = Enumerable.Range(0, size).First(r => threads[r].IsAlive);
+                throw new RankFailedException(first, timeoutError);
+            }
+        }
+
+        // Report the rank that failed first on its own account; ranks released by the abort only echo it.
+        int? original = job.FailedRank >= 0 ? job.FailedRank : null;
+        if (original is int fr && errors[fr] is { } err) throw new RankFailedException(fr, err);
+        for (int r = 0; r < size; r++)
+            if (errors[r] is { } e) throw new RankFailedException(r, e);
+        return results;
+    }
+
+    /// <inheritdoc/>
+    public void AllGather(ReadOnlySpan<float> send, Span<float> receive)
+    {
+        if (receive.Length != (long)send.Length * Size)
+            throw new ArgumentException($"AllGather: receive must hold Size × send.Length = {(long)send.Length * Size} floats, got {receive.Length}.", nameof(receive));
+        var all = Exchange(nameof(AllGather), CommOp.AllGather, send, receive.Length);
+        for (int r = 0; r < Size; r++)
+        {
+            if (all[r].Length != send.Length)
+                throw new InvalidOperationException($"AllGather: rank {r} sent {all[r].Length} floats but rank {Rank} sent {send.Length}; every rank must send the same count (use AllGatherVariable).");
+            all[r].CopyTo(receive.Slice(r * send.Length, send.Length));
+        }
+    }
+
+    /// <inheritdoc/>
+    public void AllGatherVariable(ReadOnlySpan<float> send, Span<float> receive, ReadOnlySpan<int> counts)
+    {
+        if (counts.Length != Size) throw new ArgumentException($"AllGatherVariable: counts needs one entry per rank ({Size}), got {counts.Length}.", nameof(counts));
+        long total = 0;
+        foreach (int c in counts)
+        {
+            if (c < 0) throw new ArgumentException("AllGatherVariable: counts must be non-negative.", nameof(counts));
+            total += c;
+        }
+        if (counts[Rank] != send.Length) throw new ArgumentException($"AllGatherVariable: counts[{Rank}] = {counts[Rank]} but this rank sends {send.Length} floats.", nameof(send));
+        if (receive.Length != total) throw new ArgumentException($"AllGatherVariable: receive must hold Σ counts = {total} floats, got {receive.Length}.", nameof(receive));
+        var all = Exchange(nameof(AllGatherVariable), CommOp.AllGather, send, receive.Length);
+        int offset = 0;
+        for (int r = 0; r < Size; r++)
+        {
+            if (all[r].Length != counts[r])
+                throw new InvalidOperationException($"AllGatherVariable: rank {r} sent {all[r].Length} floats but counts[{r}] = {counts[r]}.");
+            all[r].CopyTo(receive.Slice(offset, counts[r]));
+            offset += counts[r];
+        }
+    }
+
+    /// <inheritdoc/>
+    public void AllReduceSum(ReadOnlySpan<float> send, Span<float> receive)
+    {
+        if (receive.Length != send.Length)
+            throw new ArgumentException($"AllReduceSum: receive must have send's length {send.Length}, got {receive.Length}.", nameof(receive));
+        var all = Exchange(nameof(AllReduceSum), CommOp.AllReduce, send, receive.Length);
+        CheckEqualLengths(all, send.Length, nameof(AllReduceSum));
+        // Summed in rank order on every rank, so all ranks get bit-identical results.
+        all[0].CopyTo(receive);
+        for (int r = 1; r < Size; r++) Add(all[r], receive);
+    }
+
+    /// <inheritdoc/>
+    public void ReduceScatterSum(ReadOnlySpan<float> send, Span<float> receive)
+    {
+        if (send.Length != (long)receive.Length * Size)
+            throw new ArgumentException($"ReduceScatterSum: send must hold Size × receive.Length = {(long)receive.Length * Size} floats, got {send.Length}.", nameof(send));
+        var all = Exchange(nameof(ReduceScatterSum), CommOp.ReduceScatter, send, receive.Length);
+        CheckEqualLengths(all, send.Length, nameof(ReduceScatterSum));
+        int n = receive.Length;
+        all[0].AsSpan(Rank * n, n).CopyTo(receive);
+        for (int r = 1; r < Size; r++) Add(all[r].AsSpan(Rank * n, n), receive);
+    }
+
+    /// <inheritdoc/>
+    public void AllToAll(ReadOnlySpan<float> send, Span<float> receive)
+    {
+        if (send.Length % Size != 0)
+            throw new ArgumentException($"AllToAll: send length {send.Length} is not a multiple of Size {Size}.", nameof(send));
+        if (receive.Length != send.Length)
+            throw new ArgumentException($"AllToAll: receive must have send's length {send.Length}, got {receive.Length}.", nameof(receive));
+        var all = Exchange(nameof(AllToAll), CommOp.AllToAll, send, receive.Length);
+        CheckEqualLengths(all, send.Length, nameof(AllToAll));
+        int block = send.Length / Size;
+        for (int s = 0; s < Size; s++) all[s].AsSpan(Rank * block, block).CopyTo(receive.Slice(s * block, block));
+    }
+
+    /// <inheritdoc/>
+    public void SendRecv(ReadOnlySpan<float> send, int destination, Span<float> receive, int source)
+    {
+        CheckPeer(destination, nameof(destination));
+        CheckPeer(source, nameof(source));
+        Enter(nameof(SendRecv), CommOp.SendRecv, send.Length, receive.Length);
+        try
+        {
+            _group.Post(Rank, destination, send.ToArray());
+            var message = _group.Take(source, Rank);
+            CopyMessage(message, receive, source);
+        }
+        finally { CurrentOperation = null; }
+    }
+
+    /// <inheritdoc/>
+    public CommRequest StartSendRecv(ReadOnlyMemory<float> send, int destination, Memory<float> receive, int source)
+    {
+        CheckPeer(destination, nameof(destination));
+        CheckPeer(source, nameof(source));
+        Enter(nameof(StartSendRecv), CommOp.SendRecv, send.Length, receive.Length);
+        CurrentOperation = null;
+        // The send is buffered at once (a copy in the mailbox), so it never waits for the receiver.
+        _group.Post(Rank, destination, send.ToArray());
+        return new InProcessRequest(this, receive, source);
+    }
+
+    /// <inheritdoc/>
+    public void Barrier() => Exchange(nameof(Barrier), CommOp.Barrier, ReadOnlySpan<float>.Empty, 0);
+
+    /// <inheritdoc/>
+    public ICommunicator Split(int color, int key)
+    {
+        var all = Exchange(nameof(Split), CommOp.Split, [color, key], 0);
+        int splitIndex = _splits++;
+        var members = Enumerable.Range(0, Size).Where(r => (int)all[r][0] == color)
+            .OrderBy(r => (int)all[r][1]).ThenBy(r => r).ToList();
+        var child = _group.Child(splitIndex, color, members.Count);
+        return new InProcessCommunicator(child, members.IndexOf(Rank));
+    }
+
+    /// <inheritdoc/>
+    public void Dispose() { }
+
+    private float[][] Exchange(string name, CommOp op, ReadOnlySpan<float> send, long receiveLength)
+    {
+        Enter(name, op, send.Length, receiveLength);
+        try
+        {
+            return _group.Exchange(Rank, send.ToArray());
+        }
+        finally { CurrentOperation = null; }
+    }
+
+    private void Enter(string name, CommOp op, long sendLength, long receiveLength)
+    {
+        long seq = Interlocked.Increment(ref _sequence);
+        CurrentOperation = $"{name} #{seq}";
+        Counters.Record(op, sendLength * sizeof(float), receiveLength * sizeof(float));
+        _group.Job.ThrowIfFailed(Rank);
+    }
+
+    private void CheckPeer(int peer, string name)
+    {
+        if (peer < 0 || peer >= Size) throw new ArgumentOutOfRangeException(name, peer, $"Peer rank must be in [0, {Size}).");
+    }
+
+    private void CopyMessage(float[] message, Span<float> receive, int source)
+    {
+        if (message.Length != receive.Length)
+            throw new InvalidOperationException($"SendRecv: rank {source} sent {message.Length} floats but rank {Rank} expects {receive.Length}.");
+        message.CopyTo(receive);
+    }
+
+    private static void CheckEqualLengths(float[][] all, int length, string op)
+    {
+        for (int r = 0; r < all.Length; r++)
+            if (all[r].Length != length)
+                throw new InvalidOperationException($"{op}: rank {r} sent {all[r].Length} floats, this rank {length}; all ranks must pass the same sizes.");
+    }
+
+    private static void Add(ReadOnlySpan<float> x, Span<float> y)
+    {
+        for (int i = 0; i < y.Length; i++) y[i] += x[i];
+    }
+
+    private sealed class InProcessRequest(InProcessCommunicator owner, Memory<float> receive, int source) : CommRequest
+    {
+        private bool _waited;
+
+        public override void Wait()
+        {
+            if (_waited) throw new InvalidOperationException("Wait was already called on this request.");
+            _waited = true;
+            owner.CurrentOperation = $"StartSendRecv.Wait #{owner.CollectiveSequence}";
+            try
+            {
+                owner.CopyMessage(owner._group.Take(source, owner.Rank), receive.Span, source);
+            }
+            finally { owner.CurrentOperation = null; }
+        }
+    }
+}
+
+/// <summary>Thrown by a rank's collective when another rank of the job failed first.</summary>
+public sealed class CommunicatorAbortedException : Exception
+{
+    /// <summary>Creates the exception.</summary>
+    public CommunicatorAbortedException(string message, Exception? inner = null) : base(message, inner) { }
+}
+
+/// <summary>A rank of a job failed (or the job timed out); <see cref="Rank"/> names it.</summary>
+public sealed class RankFailedException : Exception
+{
+    /// <summary>Creates the exception for <paramref name="rank"/>, wrapping its error.</summary>
+    public RankFailedException(int rank, Exception inner)
+        : base($"rank {rank} failed: {inner?.GetType().Name}: {inner?.Message}", inner)
+    {
+        Rank = rank;
+    }
+
+    /// <summary>The rank that failed.</summary>
+    public int Rank { get; }
+}
+
+/// <summary>State shared by every group of one in-process job: the first failure.</summary>
+internal sealed class InProcessJob
+{
+    private readonly object _lock = new();
+    private readonly List<InProcessGroup> _groups = [];
+    private Exception? _failure;
+
+    public int FailedRank { get; private set; } = -1;
+
+    public void Register(InProcessGroup g)
+    {
+        lock (_lock) _groups.Add(g);
+    }
+
+    public void Fail(int rank, Exception e)
+    {
+        List<InProcessGroup> groups;
+        lock (_lock)
+        {
+            if (_failure is not null) return;
+            // A rank released by the abort is not the cause; keep looking for the original failure.
+            if (e is CommunicatorAbortedException) return;
+            _failure = e;
+            FailedRank = rank;
+            groups = [.. _groups];
+        }
+        foreach (var g in groups) g.WakeAll();
+    }
+
+    public void ThrowIfFailed(int rank)
+    {
+        var f = _failure;
+        if (f is not null)
+            throw new CommunicatorAbortedException(
+                FailedRank >= 0 ? $"rank {rank}: aborted because rank {FailedRank} failed ({f.GetType().Name}: {f.Message})" : $"rank {rank}: aborted: {f.Message}", f);
+    }
+}
+
+/// <summary>One communicator group: a rendezvous for collectives and mailboxes for point-to-point.</summary>
+internal sealed class InProcessGroup
+{
+    private readonly object _lock = new();
+    private float[][] _slots;
+    private float[][] _published = [];
+    private int _arrived;
+    private long _generation;
+    private readonly Dictionary<(int From, int To), Queue<float[]>> _mail = [];
+    private readonly Dictionary<(int Split, int Color), InProcessGroup> _children = [];
+
+    public InProcessGroup(InProcessJob job, int size)
+    {
+        Job = job;
+        Size = size;
+        _slots = new float[size][];
+        job.Register(this);
+    }
+
+    public InProcessJob Job { get; }
+
+    public int Size { get; }
+
+    /// <summary>Deposits this rank's contribution and returns everybody's once all have arrived.</summary>
+    public float[][] Exchange(int rank, float[] contribution)
+    {
+        lock (_lock)
+        {
+            _slots[rank] = contribution;
+            long gen = _generation;
+            if (++_arrived == Size)
+            {
+                _published = _slots;
+                _slots = new float[Size][];
+                _arrived = 0;
+                _generation++;
+                Monitor.PulseAll(_lock);
+                return _published;
+            }
+            while (_generation == gen)
+            {
+                Job.ThrowIfFailed(rank);
+                Monitor.Wait(_lock);
+            }
+            return _published;
+        }
+    }
+
+    public void Post(int from, int to, float[] message)
+    {
+        lock (_lock)
+        {
+            if (!_mail.TryGetValue((from, to), out var q)) _mail[(from, to)] = q = new Queue<float[]>();
+            q.Enqueue(message);
+            Monitor.PulseAll(_lock);
+        }
+    }
+
+    public float[] Take(int from, int to)
+    {
+        lock (_lock)
+        {
+            while (true)
+            {
+                if (_mail.TryGetValue((from, to), out var q) && q.Count > 0) return q.Dequeue();
+                Job.ThrowIfFailed(to);
+                Monitor.Wait(_lock);
+            }
+        }
+    }
+
+    public InProcessGroup Child(int split, int color, int size)
+    {
+        lock (_lock)
+        {
+            if (!_children.TryGetValue((split, color), out var g)) _children[(split, color)] = g = new InProcessGroup(Job, size);
+            return g;
+        }
+    }
+
+    public void WakeAll()
+    {
+        lock (_lock) Monitor.PulseAll(_lock);
+    }
+}
