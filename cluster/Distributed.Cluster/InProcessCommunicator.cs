@@ -84,12 +84,12 @@ public sealed class InProcessCommunicator : ICommunicator
             if (deadline == DateTime.MaxValue) th.Join();
             else if (left <= TimeSpan.Zero || !th.Join(left))
             {
-                var running = Enumerable.Range(0, size).Where(r => threads[r].IsAlive)
-                    .Select(r => $"rank {r} in {comms[r].CurrentOperation ?? "computation"} (collective #{comms[r].CollectiveSequence})").ToList();
+                // Read who is still running before the abort releases them.
+                var stuck = Enumerable.Range(0, size).Where(r => threads[r].IsAlive).ToList();
+                var running = stuck.Select(r => $"rank {r} in {comms[r].CurrentOperation ?? "computation"} (collective #{comms[r].CollectiveSequence})");
                 var timeoutError = new TimeoutException($"the job did not finish within {timeout!.Value.TotalSeconds:F0} s; still running: {string.Join(", ", running)}");
                 job.Fail(-1, timeoutError);
-                int first = Enumerable.Range(0, size).First(r => threads[r].IsAlive);
-                throw new RankFailedException(first, timeoutError);
+                throw new RankFailedException(stuck.Count > 0 ? stuck[0] : 0, timeoutError);
             }
         }
 

@@ -1,0 +1,102 @@
+using Distributed.Cluster.TestWorker;
+using Xunit;
+
+namespace Distributed.Cluster.Tests;
+
+/// <summary>The ICommunicator contract on in-process ranks, P in {1,2,3,4}.</summary>
+public sealed class InProcessContractTests
+{
+    public static TheoryData<string, int> Cases()
+    {
+        var data = new TheoryData<string, int>();
+        foreach (string name in CommunicatorContract.Names)
+            foreach (int p in new[] { 1, 2, 3, 4 })
+                data.Add(name, p);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void Contract_HoldsOnEveryRank(string check, int ranks)
+    {
+        var done = InProcessCommunicator.Run(ranks, comm => { CommunicatorContract.Run(check, comm); return comm.Rank; }, TimeSpan.FromSeconds(30));
+        Assert.Equal(Enumerable.Range(0, ranks), done);
+    }
+
+    [Fact]
+    public void Run_RankThrows_OthersReleasedAndRankNamed()
+    {
+        var start = DateTime.UtcNow;
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(4, comm =>
+        {
+            comm.Barrier();
+            if (comm.Rank == 2) throw new InvalidOperationException("boom on two");
+            var x = new float[8];
+            comm.AllReduceSum(x, x); // ranks 0, 1, 3 wait here for rank 2, which never comes
+            return 0;
+        }, TimeSpan.FromSeconds(60)));
+        Assert.Equal(2, e.Rank);
+        Assert.Contains("rank 2 failed", e.Message, StringComparison.Ordinal);
+        Assert.IsType<InvalidOperationException>(e.InnerException);
+        Assert.True(DateTime.UtcNow - start < TimeSpan.FromSeconds(10));
+    }
+
+    [Fact]
+    public void Run_RankThrowsWhileOthersWaitOnPointToPoint_Released()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(3, comm =>
+        {
+            if (comm.Rank == 0) throw new ArgumentException("bad shard", "q");
+            var buf = new float[4];
+            var req = comm.StartSendRecv(new float[4], (comm.Rank + 1) % 3, buf, (comm.Rank + 2) % 3);
+            req.Wait();
+            return 0;
+        }, TimeSpan.FromSeconds(60)));
+        Assert.Equal(0, e.Rank);
+    }
+
+    [Fact]
+    public void Run_Hang_TimesOutNamingTheCollective()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(2, comm =>
+        {
+            if (comm.Rank == 1) comm.Barrier(); // rank 0 never joins
+            return 0;
+        }, TimeSpan.FromSeconds(2)));
+        Assert.IsType<TimeoutException>(e.InnerException);
+        Assert.Contains("rank 1 in Barrier #1", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void AllGather_WrongReceiveLength_NamesParameter()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(2, comm =>
+        {
+            comm.AllGather(new float[3], new float[5]);
+            return 0;
+        }, TimeSpan.FromSeconds(10)));
+        Assert.Equal("receive", Assert.IsType<ArgumentException>(e.InnerException).ParamName);
+    }
+
+    [Fact]
+    public void Run_ZeroRanks_Refused()
+    {
+        var e = Assert.Throws<ArgumentOutOfRangeException>(() => InProcessCommunicator.Run(0, _ => 0));
+        Assert.Equal("size", e.ParamName);
+    }
+
+    [Fact]
+    public void Messages_AreCopies_NotShared()
+    {
+        InProcessCommunicator.Run(2, comm =>
+        {
+            var send = new float[] { comm.Rank, comm.Rank };
+            var recv = new float[4];
+            comm.AllGather(send, recv);
+            send[0] = 99; // mutating after the call must not reach the other rank's result
+            comm.Barrier();
+            Assert.Equal(new float[] { 0, 0, 1, 1 }, recv);
+            return 0;
+        }, TimeSpan.FromSeconds(10));
+    }
+}
