@@ -1,0 +1,184 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+
+namespace Distributed.Kernels.Cpu;
+
+/// <summary>
+/// The two primitives every CPU kernel is built from: a register-blocked small GEMM and a vectorised
+/// base-2 exponential. AVX-512 (<see cref="Vector512"/>) when the hardware has it; otherwise a plain
+/// scalar path that computes the same thing (slower, never wrong).
+/// </summary>
+internal static unsafe class CpuMath
+{
+    /// <summary>Floats per vector of the fast path.</summary>
+    public const int Lanes = 16;
+
+    /// <summary>Whether the AVX-512 path runs. Tests may turn it off to exercise the scalar path.</summary>
+    public static bool UseVector512 { get; set; } = Vector512.IsHardwareAccelerated;
+
+    /// <summary>Rounds up to a multiple of <see cref="Lanes"/>.</summary>
+    public static int Pad(int n) => (n + Lanes - 1) / Lanes * Lanes;
+
+    /// <summary>
+    /// <c>C[m, n] (+)= Σ_k A(k, m) · B[k, n]</c> for m &lt; M, n &lt; N, k &lt; K, where
+    /// <c>A(k, m) = a[k·aStrideK + m·aStrideM]</c> (any layout), B rows are contiguous with stride
+    /// <paramref name="ldb"/>, C rows with stride <paramref name="ldc"/>. N must be a multiple of 16.
+    /// </summary>
+    public static void Gemm(int M, int N, int K, float* a, int aStrideK, int aStrideM, float* b, int ldb, float* c, int ldc, bool accumulate)
+    {
+        if (M <= 0 || N <= 0) return;
+        if (!UseVector512)
+        {
+            GemmScalar(M, N, K, a, aStrideK, aStrideM, b, ldb, c, ldc, accumulate);
+            return;
+        }
+        int m = 0;
+        for (; m + 4 <= M; m += 4)
+        {
+            int n = 0;
+            for (; n + 64 <= N; n += 64) Block4x4(K, a + m * aStrideM, aStrideK, aStrideM, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+            for (; n < N; n += 16) Block4x1(K, a + m * aStrideM, aStrideK, aStrideM, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+        }
+        for (; m < M; m++)
+        {
+            int n = 0;
+            for (; n + 64 <= N; n += 64) Block1x4(K, a + m * aStrideM, aStrideK, b + n, ldb, c + m * ldc + n, accumulate);
+            for (; n < N; n += 16) Block1x1(K, a + m * aStrideM, aStrideK, b + n, ldb, c + m * ldc + n, accumulate);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Block4x4(int K, float* a, int sk, int sm, float* b, int ldb, float* c, int ldc, bool acc)
+    {
+        Vector512<float> c00 = default, c01 = default, c02 = default, c03 = default;
+        Vector512<float> c10 = default, c11 = default, c12 = default, c13 = default;
+        Vector512<float> c20 = default, c21 = default, c22 = default, c23 = default;
+        Vector512<float> c30 = default, c31 = default, c32 = default, c33 = default;
+        float* a0 = a, a1 = a + sm, a2 = a + 2 * sm, a3 = a + 3 * sm;
+        for (int k = 0; k < K; k++)
+        {
+            float* bk = b + (long)k * ldb;
+            var b0 = Vector512.Load(bk);
+            var b1 = Vector512.Load(bk + 16);
+            var b2 = Vector512.Load(bk + 32);
+            var b3 = Vector512.Load(bk + 48);
+            long ko = (long)k * sk;
+            var x = Vector512.Create(a0[ko]);
+            c00 = Vector512.FusedMultiplyAdd(x, b0, c00); c01 = Vector512.FusedMultiplyAdd(x, b1, c01);
+            c02 = Vector512.FusedMultiplyAdd(x, b2, c02); c03 = Vector512.FusedMultiplyAdd(x, b3, c03);
+            x = Vector512.Create(a1[ko]);
+            c10 = Vector512.FusedMultiplyAdd(x, b0, c10); c11 = Vector512.FusedMultiplyAdd(x, b1, c11);
+            c12 = Vector512.FusedMultiplyAdd(x, b2, c12); c13 = Vector512.FusedMultiplyAdd(x, b3, c13);
+            x = Vector512.Create(a2[ko]);
+            c20 = Vector512.FusedMultiplyAdd(x, b0, c20); c21 = Vector512.FusedMultiplyAdd(x, b1, c21);
+            c22 = Vector512.FusedMultiplyAdd(x, b2, c22); c23 = Vector512.FusedMultiplyAdd(x, b3, c23);
+            x = Vector512.Create(a3[ko]);
+            c30 = Vector512.FusedMultiplyAdd(x, b0, c30); c31 = Vector512.FusedMultiplyAdd(x, b1, c31);
+            c32 = Vector512.FusedMultiplyAdd(x, b2, c32); c33 = Vector512.FusedMultiplyAdd(x, b3, c33);
+        }
+        Store(c, c00, acc); Store(c + 16, c01, acc); Store(c + 32, c02, acc); Store(c + 48, c03, acc);
+        c += ldc;
+        Store(c, c10, acc); Store(c + 16, c11, acc); Store(c + 32, c12, acc); Store(c + 48, c13, acc);
+        c += ldc;
+        Store(c, c20, acc); Store(c + 16, c21, acc); Store(c + 32, c22, acc); Store(c + 48, c23, acc);
+        c += ldc;
+        Store(c, c30, acc); Store(c + 16, c31, acc); Store(c + 32, c32, acc); Store(c + 48, c33, acc);
+    }
+
+    private static void Block4x1(int K, float* a, int sk, int sm, float* b, int ldb, float* c, int ldc, bool acc)
+    {
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default;
+        for (int k = 0; k < K; k++)
+        {
+            var bk = Vector512.Load(b + (long)k * ldb);
+            long ko = (long)k * sk;
+            c0 = Vector512.FusedMultiplyAdd(Vector512.Create(a[ko]), bk, c0);
+            c1 = Vector512.FusedMultiplyAdd(Vector512.Create(a[ko + sm]), bk, c1);
+            c2 = Vector512.FusedMultiplyAdd(Vector512.Create(a[ko + 2 * sm]), bk, c2);
+            c3 = Vector512.FusedMultiplyAdd(Vector512.Create(a[ko + 3 * sm]), bk, c3);
+        }
+        Store(c, c0, acc); Store(c + ldc, c1, acc); Store(c + 2 * ldc, c2, acc); Store(c + 3 * ldc, c3, acc);
+    }
+
+    private static void Block1x4(int K, float* a, int sk, float* b, int ldb, float* c, bool acc)
+    {
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default;
+        for (int k = 0; k < K; k++)
+        {
+            float* bk = b + (long)k * ldb;
+            var x = Vector512.Create(a[(long)k * sk]);
+            c0 = Vector512.FusedMultiplyAdd(x, Vector512.Load(bk), c0);
+            c1 = Vector512.FusedMultiplyAdd(x, Vector512.Load(bk + 16), c1);
+            c2 = Vector512.FusedMultiplyAdd(x, Vector512.Load(bk + 32), c2);
+            c3 = Vector512.FusedMultiplyAdd(x, Vector512.Load(bk + 48), c3);
+        }
+        Store(c, c0, acc); Store(c + 16, c1, acc); Store(c + 32, c2, acc); Store(c + 48, c3, acc);
+    }
+
+    private static void Block1x1(int K, float* a, int sk, float* b, int ldb, float* c, bool acc)
+    {
+        Vector512<float> c0 = default;
+        for (int k = 0; k < K; k++)
+            c0 = Vector512.FusedMultiplyAdd(Vector512.Create(a[(long)k * sk]), Vector512.Load(b + (long)k * ldb), c0);
+        Store(c, c0, acc);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Store(float* c, Vector512<float> v, bool acc)
+    {
+        if (acc) v += Vector512.Load(c);
+        v.Store(c);
+    }
+
+    private static void GemmScalar(int M, int N, int K, float* a, int sk, int sm, float* b, int ldb, float* c, int ldc, bool acc)
+    {
+        for (int m = 0; m < M; m++)
+        {
+            float* crow = c + (long)m * ldc;
+            if (!acc) new Span<float>(crow, N).Clear();
+            for (int k = 0; k < K; k++)
+            {
+                float x = a[(long)k * sk + (long)m * sm];
+                if (x == 0f) continue;
+                float* brow = b + (long)k * ldb;
+                for (int n = 0; n < N; n++) crow[n] += x * brow[n];
+            }
+        }
+    }
+
+    /// <summary>2^x for 16 lanes; lanes below -126 (including -inf) give exactly 0. Relative error ≈ 2e-7.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Exp2(Vector512<float> x)
+    {
+        var underflow = Vector512.LessThan(x, Vector512.Create(-126f));
+        x = Vector512.Min(Vector512.Max(x, Vector512.Create(-126f)), Vector512.Create(127f));
+        var n = Vector512.Round(x);
+        var f = x - n; // [-0.5, 0.5]
+        // Taylor series of e^(f ln 2) to degree 6: error ≤ (0.5 ln 2)^7 / 7! ≈ 1.2e-7.
+        var p = Vector512.Create(1.5403530393381606e-4f);
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(1.3333558146428443e-3f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(9.6181291076284772e-3f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(5.5504108664821580e-2f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.24022650695910071f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.69314718055994531f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512<float>.One);
+        var bits = (Vector512.ConvertToInt32(n) + Vector512.Create(127)) << 23;
+        var r = p * bits.AsSingle();
+        return Vector512.ConditionalSelect(underflow.AsInt32(), Vector512<int>.Zero, r.AsInt32()).AsSingle();
+    }
+
+    /// <summary>Scalar 2^x with the same zero below -126.</summary>
+    public static float Exp2(float x) => x < -126f ? 0f : MathF.Pow(2f, x);
+
+    /// <summary>y[i] *= s over n elements.</summary>
+    public static void Scale(float* y, int n, float s)
+    {
+        int i = 0;
+        if (UseVector512)
+        {
+            var v = Vector512.Create(s);
+            for (; i + 16 <= n; i += 16) (Vector512.Load(y + i) * v).Store(y + i);
+        }
+        for (; i < n; i++) y[i] *= s;
+    }
+}

@@ -1,0 +1,46 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+
+namespace Distributed.Kernels.Cpu;
+
+/// <summary>
+/// Work distribution and per-thread scratch. Tasks are handed out one at a time from a shared counter,
+/// heaviest first, so causal work (whose cost grows along the sequence) stays balanced across threads.
+/// </summary>
+internal static unsafe class CpuParallel
+{
+    [ThreadStatic] private static float[]? _scratch;
+    [ThreadStatic] private static IntPtr _scratchPtr;
+
+    /// <summary>
+    /// Runs <paramref name="body"/> for every task index in [0, count) on up to <paramref name="threads"/>
+    /// threads. <paramref name="order"/>, when given, lists the task indices in the order to hand them out.
+    /// </summary>
+    public static void For(int count, int threads, Action<int> body, int[]? order = null)
+    {
+        if (count <= 0) return;
+        int workers = Math.Min(threads, count);
+        if (workers <= 1)
+        {
+            for (int i = 0; i < count; i++) body(order is null ? i : order[i]);
+            return;
+        }
+        int next = -1;
+        Parallel.For(0, workers, new ParallelOptions { MaxDegreeOfParallelism = workers }, _ =>
+        {
+            int i;
+            while ((i = Interlocked.Increment(ref next)) < count) body(order is null ? i : order[i]);
+        });
+    }
+
+    /// <summary>This thread's scratch of at least <paramref name="floats"/> floats (pinned, reused, not cleared).</summary>
+    public static float* Scratch(long floats)
+    {
+        if (_scratch is null || _scratch.Length < floats)
+        {
+            _scratch = GC.AllocateUninitializedArray<float>((int)Math.Max(floats, 1 << 16), pinned: true);
+            _scratchPtr = (IntPtr)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_scratch));
+        }
+        return (float*)_scratchPtr;
+    }
+}

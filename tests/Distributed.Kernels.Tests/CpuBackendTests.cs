@@ -1,0 +1,64 @@
+using Distributed.Kernels;
+using Distributed.Kernels.Cpu;
+using Distributed.Reference;
+using Xunit;
+
+namespace Distributed.Kernels.Tests;
+
+/// <summary>The contract on the vectorised CPU backend, plus the large shapes only it can afford here.</summary>
+public sealed class CpuBackendTests : KernelBackendContract
+{
+    protected override IKernelBackend CreateBackend() => new CpuBackend(2);
+
+    [Theory]
+    [MemberData(nameof(LargeFlashCases))]
+    public void FlashForward_Large_MatchesReference(FlashCase c) => CheckFlashForward(c);
+
+    [Theory]
+    [MemberData(nameof(LargeFlashCases))]
+    public void FlashBackward_Large_MatchesReference(FlashCase c) => CheckFlashBackward(c);
+
+    [Theory]
+    [MemberData(nameof(LargeLightningCases))]
+    public void LightningForward_Large_MatchesReference(LightningCase c) => CheckLightningForward(c);
+
+    [Theory]
+    [MemberData(nameof(LargeLightningCases))]
+    public void LightningBackward_Large_MatchesReference(LightningCase c) => CheckLightningBackward(c);
+
+    [Fact]
+    public void OneThreadAndTwoThreads_GiveTheSameBits()
+    {
+        using var one = new CpuBackend(1);
+        using var two = new CpuBackend(2);
+        float[] Run(IKernelBackend be)
+        {
+            var q = ReferenceAttention.Random(300L * 4 * 64, 7);
+            using var tq = be.Allocate(1, 300, 4, 64); tq.CopyFromHost(q.Select(d => (float)d).ToArray());
+            using var o = be.Allocate(1, 300, 4, 64);
+            using var lse = be.Allocate(1, 4, 300);
+            be.FlashForward(tq, tq, tq, o, lse, new FlashOptions(Causal: true));
+            var r = new float[o.Length];
+            o.CopyToHost(r);
+            return r;
+        }
+        Assert.Equal(Run(one), Run(two));
+    }
+}
+
+/// <summary>The same contract with AVX-512 switched off: the scalar fallback must be right too.</summary>
+[Collection(nameof(ScalarPathCollection))]
+public sealed class CpuScalarPathTests : KernelBackendContract
+{
+    private readonly bool _was = CpuMath.UseVector512;
+
+    public CpuScalarPathTests() => CpuMath.UseVector512 = false;
+
+    protected override IKernelBackend CreateBackend() => new CpuBackend(2);
+
+    protected override void OnDispose() => CpuMath.UseVector512 = _was;
+}
+
+/// <summary>The scalar-path suite flips a process-wide switch, so nothing runs beside it.</summary>
+[CollectionDefinition(nameof(ScalarPathCollection), DisableParallelization = true)]
+public sealed class ScalarPathCollection;

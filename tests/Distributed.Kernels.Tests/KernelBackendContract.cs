@@ -1,0 +1,403 @@
+using Distributed.Kernels;
+using Distributed.Reference;
+using Xunit;
+using Dims = Distributed.Reference.ReferenceAttention.Dims;
+
+namespace Distributed.Kernels.Tests;
+
+/// <summary>
+/// Every block operation of <see cref="IKernelBackend"/> against the one fp64 reference, at shapes that hit
+/// the edges: N not a multiple of the tile, D of 16..128, Dv ≠ D, GQA 4/4, 4/2, 4/1, causal with global
+/// offsets (partly and fully masked rows), λ in {1, 0.9, 0.01}, incoming and outgoing states. One suite,
+/// run once per backend by a subclass (fast backends add the large cases by calling the Check methods).
+/// Relative error = max|a − b| / max|b| ≤ 1e-4.
+/// </summary>
+public abstract class KernelBackendContract : IDisposable
+{
+    protected const double Tolerance = 1e-4;
+    private IKernelBackend? _backend;
+
+    protected abstract IKernelBackend CreateBackend();
+
+    protected IKernelBackend Backend => _backend ??= CreateBackend();
+
+    public void Dispose()
+    {
+        _backend?.Dispose();
+        OnDispose();
+        GC.SuppressFinalize(this);
+    }
+
+    protected virtual void OnDispose() { }
+
+    // ----- shapes -----------------------------------------------------------------------------------
+
+    public sealed record FlashCase(int B, int Nq, int Nk, int H, int Hk, int D, int Dv, bool Causal, long QOffset = 0, long KOffset = 0, float Scale = 0f)
+    {
+        public Dims Dims => new(B, Nq, Nk, H, Hk, D, Dv);
+
+        public override string ToString() => $"B{B} Nq{Nq} Nk{Nk} H{H}/{Hk} D{D} Dv{Dv} {(Causal ? $"causal q@{QOffset} k@{KOffset}" : "full")}{(Scale > 0 ? $" scale{Scale}" : "")}";
+    }
+
+    public static TheoryData<FlashCase> FlashCases() =>
+    [
+        new FlashCase(1, 1, 1, 4, 4, 16, 16, false),
+        new FlashCase(1, 17, 17, 4, 2, 32, 32, true),
+        new FlashCase(1, 64, 64, 4, 1, 64, 64, true),
+        new FlashCase(1, 100, 100, 4, 4, 16, 24, false),
+        new FlashCase(1, 100, 100, 4, 2, 64, 64, true),
+        new FlashCase(2, 17, 64, 4, 2, 32, 32, true, 100, 60),   // partly masked rows
+        new FlashCase(1, 100, 64, 4, 1, 64, 64, true, 0, 64),    // rows 0..63 see no key at all
+        new FlashCase(1, 33, 130, 4, 4, 128, 128, true, 130, 0), // D = 128, every key in the past
+        new FlashCase(1, 17, 17, 4, 4, 32, 32, false, 0, 0, 0.3f),
+    ];
+
+    public static TheoryData<FlashCase> LargeFlashCases() =>
+    [
+        new FlashCase(1, 2048, 2048, 2, 1, 64, 64, true),
+        new FlashCase(1, 1000, 1500, 2, 2, 64, 64, false),
+    ];
+
+    public sealed record LightningCase(int B, int N, int H, int Hk, int D, int Dv, bool Causal, float[] Decay, bool WithS0)
+    {
+        public Dims Dims => new(B, N, N, H, Hk, D, Dv);
+
+        public override string ToString() => $"B{B} N{N} H{H}/{Hk} D{D} Dv{Dv} {(Causal ? "causal" : "full")} λ[{string.Join(",", Decay.Distinct())}]{(WithS0 ? " S0" : "")}";
+    }
+
+    private static float[] Same(float l) => [l, l, l, l];
+
+    public static TheoryData<LightningCase> LightningCases() =>
+    [
+        new LightningCase(1, 1, 4, 4, 16, 16, true, Same(1f), false),
+        new LightningCase(1, 17, 4, 2, 32, 32, true, Same(0.9f), true),
+        new LightningCase(1, 64, 4, 1, 64, 64, true, Same(0.01f), true),
+        new LightningCase(1, 100, 4, 4, 16, 24, true, Same(0.9f), true),
+        new LightningCase(2, 100, 4, 2, 32, 32, true, Same(0.01f), false),
+        new LightningCase(1, 100, 4, 4, 32, 32, false, Same(1f), true),
+        new LightningCase(1, 130, 4, 2, 16, 16, true, [1f, 0.9f, 0.5f, 0.01f], true),
+    ];
+
+    public static TheoryData<LightningCase> LargeLightningCases() =>
+    [
+        new LightningCase(1, 1000, 4, 2, 64, 64, true, [1f, 0.99f, 0.9f, 0.5f], true),
+    ];
+
+    // ----- helpers ----------------------------------------------------------------------------------
+
+    protected DeviceTensor Upload(double[] data, params int[] shape)
+    {
+        var t = Backend.Allocate(shape);
+        t.CopyFromHost(data.Select(d => (float)d).ToArray());
+        return t;
+    }
+
+    protected static float[] Download(DeviceTensor t)
+    {
+        var a = new float[t.Length];
+        t.CopyToHost(a);
+        return a;
+    }
+
+    protected static void AssertClose(double[] expected, DeviceTensor actual, string what, double tolerance = Tolerance)
+    {
+        var a = Download(actual);
+        double err = ReferenceAttention.RelativeError(a, expected);
+        Assert.True(err <= tolerance, $"{what}: relative error {err:E2} > {tolerance:E0}");
+    }
+
+    private static double ScaleOf(FlashCase c) => c.Scale > 0 ? c.Scale : 1.0 / Math.Sqrt(c.D);
+
+    // ----- softmax ----------------------------------------------------------------------------------
+
+    [Theory]
+    [MemberData(nameof(FlashCases))]
+    public void FlashForward_MatchesReference(FlashCase c) => CheckFlashForward(c);
+
+    [Theory]
+    [MemberData(nameof(FlashCases))]
+    public void FlashBackward_MatchesReference(FlashCase c) => CheckFlashBackward(c);
+
+
+
+    protected void CheckFlashForward(FlashCase c)
+    {
+        var x = c.Dims;
+        var q = ReferenceAttention.Random((long)x.B * x.Nq * x.H * x.D, 1);
+        var k = ReferenceAttention.Random((long)x.B * x.Nk * x.Hk * x.D, 2);
+        var v = ReferenceAttention.Random((long)x.B * x.Nk * x.Hk * x.Dv, 3);
+        var (eo, expectedLse) = ReferenceAttention.FlashForward(q, k, v, x, c.QOffset, c.KOffset, c.Causal, ScaleOf(c));
+        using var tq = Upload(q, x.B, x.Nq, x.H, x.D);
+        using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
+        using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
+        using var to = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
+        using var tl = Backend.Allocate(x.B, x.H, x.Nq);
+        Backend.FlashForward(tq, tk, tv, to, tl, new FlashOptions(c.QOffset, c.KOffset, c.Causal, c.Scale));
+        AssertClose(eo, to, "O");
+        AssertClose(expectedLse, tl, "LSE");
+        Assert.DoesNotContain(Download(to), f => float.IsNaN(f));
+    }
+
+    protected void CheckFlashBackward(FlashCase c)
+    {
+        var x = c.Dims;
+        var q = ReferenceAttention.Random((long)x.B * x.Nq * x.H * x.D, 11);
+        var k = ReferenceAttention.Random((long)x.B * x.Nk * x.Hk * x.D, 12);
+        var v = ReferenceAttention.Random((long)x.B * x.Nk * x.Hk * x.Dv, 13);
+        var dO = ReferenceAttention.Random((long)x.B * x.Nq * x.H * x.Dv, 14);
+        double scale = ScaleOf(c);
+        var (edq, edk, edv) = ReferenceAttention.FlashBackward(q, k, v, dO, x, c.QOffset, c.KOffset, c.Causal, scale);
+        using var tq = Upload(q, x.B, x.Nq, x.H, x.D);
+        using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
+        using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
+        using var tdo = Upload(dO, x.B, x.Nq, x.H, x.Dv);
+        using var to = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
+        using var tl = Backend.Allocate(x.B, x.H, x.Nq);
+        using var drow = Backend.Allocate(x.B, x.H, x.Nq);
+        using var dq = Backend.Allocate(x.B, x.Nq, x.H, x.D);
+        using var dk = Backend.Allocate(x.B, x.Nk, x.Hk, x.D);
+        using var dv = Backend.Allocate(x.B, x.Nk, x.Hk, x.Dv);
+        var opt = new FlashOptions(c.QOffset, c.KOffset, c.Causal, c.Scale);
+        Backend.FlashForward(tq, tk, tv, to, tl, opt);
+        Backend.SoftmaxRowDot(to, tdo, drow);
+        Backend.FlashBackward(tq, tk, tv, tl, drow, tdo, dq, dk, dv, opt);
+        AssertClose(edq, dq, "dQ");
+        AssertClose(edk, dk, "dK");
+        AssertClose(edv, dv, "dV");
+        // Accumulate adds on top of what is there.
+        Backend.FlashBackward(tq, tk, tv, tl, drow, tdo, dq, dk, dv, opt with { Accumulate = true });
+        AssertClose(edq.Select(a => 2 * a).ToArray(), dq, "2·dQ (accumulate)");
+        AssertClose(edv.Select(a => 2 * a).ToArray(), dv, "2·dV (accumulate)");
+    }
+
+    [Fact]
+    public void FlashBackward_OnKvShardsWithGlobalLse_SumsToFullGradient()
+    {
+        // Keys split in two shards at global offsets 0 and 40: each shard's backward, given the global
+        // LSE and Drow, is exact; dQ accumulates over shards.
+        var x = new Dims(1, 50, 90, 4, 2, 32, 32);
+        var q = ReferenceAttention.Random(50L * 4 * 32, 21);
+        var k = ReferenceAttention.Random(90L * 2 * 32, 22);
+        var v = ReferenceAttention.Random(90L * 2 * 32, 23);
+        var dO = ReferenceAttention.Random(50L * 4 * 32, 24);
+        const long qOff = 60;
+        var (edq, edk, edv) = ReferenceAttention.FlashBackward(q, k, v, dO, x, qOff, 0, true, 1 / Math.Sqrt(32));
+        using var tq = Upload(q, 1, 50, 4, 32);
+        using var tdo = Upload(dO, 1, 50, 4, 32);
+        using var tk = Upload(k, 1, 90, 2, 32);
+        using var tv = Upload(v, 1, 90, 2, 32);
+        using var o = Backend.Allocate(1, 50, 4, 32);
+        using var lse = Backend.Allocate(1, 4, 50);
+        using var drow = Backend.Allocate(1, 4, 50);
+        Backend.FlashForward(tq, tk, tv, o, lse, new FlashOptions(qOff, 0, true));
+        Backend.SoftmaxRowDot(o, tdo, drow);
+        using var k1 = Upload(k[..(40 * 64)], 1, 40, 2, 32);
+        using var v1 = Upload(v[..(40 * 64)], 1, 40, 2, 32);
+        using var k2 = Upload(k[(40 * 64)..], 1, 50, 2, 32);
+        using var v2 = Upload(v[(40 * 64)..], 1, 50, 2, 32);
+        using var dq = Backend.Allocate(1, 50, 4, 32);
+        using var dk1 = Backend.Allocate(1, 40, 2, 32);
+        using var dv1 = Backend.Allocate(1, 40, 2, 32);
+        using var dk2 = Backend.Allocate(1, 50, 2, 32);
+        using var dv2 = Backend.Allocate(1, 50, 2, 32);
+        Backend.FlashBackward(tq, k2, v2, lse, drow, tdo, dq, dk2, dv2, new FlashOptions(qOff, 40, true));
+        Backend.FlashBackward(tq, k1, v1, lse, drow, tdo, dq, dk1, dv1, new FlashOptions(qOff, 0, true, Accumulate: true));
+        AssertClose(edq, dq, "dQ over both shards");
+        AssertClose(edk[..(40 * 64)], dk1, "dK shard 1");
+        AssertClose(edk[(40 * 64)..], dk2, "dK shard 2");
+        AssertClose(edv[(40 * 64)..], dv2, "dV shard 2");
+    }
+
+    [Fact]
+    public void FlashForward_RowsThatSeeNoKey_GiveZeroAndMinusInfinity()
+    {
+        using var q = Upload(ReferenceAttention.Random(10L * 4 * 16, 31), 1, 10, 4, 16);
+        using var k = Upload(ReferenceAttention.Random(70L * 4 * 16, 32), 1, 70, 4, 16);
+        using var v = Upload(ReferenceAttention.Random(70L * 4 * 16, 33), 1, 70, 4, 16);
+        using var o = Backend.Allocate(1, 10, 4, 16);
+        using var lse = Backend.Allocate(1, 4, 10);
+        Backend.FlashForward(q, k, v, o, lse, new FlashOptions(0, 1000, true)); // every key is in the future
+        Assert.All(Download(o), f => Assert.Equal(0f, f));
+        Assert.All(Download(lse), f => Assert.True(float.IsNegativeInfinity(f)));
+    }
+
+    [Fact]
+    public void MergeSoftmax_TwoKvHalves_EqualAttentionOverAll()
+    {
+        var x = new Dims(2, 19, 60, 4, 2, 32, 24);
+        var q = ReferenceAttention.Random(2L * 19 * 4 * 32, 41);
+        var k = ReferenceAttention.Random(2L * 60 * 2 * 32, 42);
+        var v = ReferenceAttention.Random(2L * 60 * 2 * 24, 43);
+        const long qOff = 20; // causal: rows 0..9 see only the first half, so -inf partials occur
+        var (eo, expectedLse) = ReferenceAttention.FlashForward(q, k, v, x, qOff, 0, true, 1 / Math.Sqrt(32));
+        double[] Half(double[] a, int width, int from, int count)
+        {
+            var r = new List<double>();
+            for (int b = 0; b < 2; b++) r.AddRange(a.Skip((b * 60 + from) * width).Take(count * width));
+            return [.. r];
+        }
+        using var tq = Upload(q, 2, 19, 4, 32);
+        using var ka = Upload(Half(k, 64, 0, 30), 2, 30, 2, 32);
+        using var va = Upload(Half(v, 48, 0, 30), 2, 30, 2, 24);
+        using var kb = Upload(Half(k, 64, 30, 30), 2, 30, 2, 32);
+        using var vb = Upload(Half(v, 48, 30, 30), 2, 30, 2, 24);
+        using var oa = Backend.Allocate(2, 19, 4, 24);
+        using var la = Backend.Allocate(2, 4, 19);
+        using var ob = Backend.Allocate(2, 19, 4, 24);
+        using var lb = Backend.Allocate(2, 4, 19);
+        Backend.FlashForward(tq, kb, vb, ob, lb, new FlashOptions(qOff, 30, true));
+        Backend.FlashForward(tq, ka, va, oa, la, new FlashOptions(qOff, 0, true));
+        Assert.Contains(Download(lb), float.IsNegativeInfinity);
+        Backend.MergeSoftmax(oa, la, ob, lb);
+        AssertClose(eo, oa, "merged O");
+        AssertClose(expectedLse, la, "merged LSE");
+        // Merging a state that saw nothing changes nothing, and merging into one that saw nothing copies.
+        using var empty = Backend.Allocate(2, 19, 4, 24);
+        using var emptyLse = Upload(Enumerable.Repeat(double.NegativeInfinity, 2 * 4 * 19).ToArray(), 2, 4, 19);
+        Backend.MergeSoftmax(oa, la, empty, emptyLse);
+        AssertClose(eo, oa, "merged with nothing");
+        Backend.MergeSoftmax(empty, emptyLse, oa, la);
+        AssertClose(eo, empty, "nothing merged with O");
+    }
+
+    // ----- lightning --------------------------------------------------------------------------------
+
+    [Theory]
+    [MemberData(nameof(LightningCases))]
+    public void LightningForward_MatchesReference(LightningCase c) => CheckLightningForward(c);
+
+    [Theory]
+    [MemberData(nameof(LightningCases))]
+    public void LightningBackward_MatchesReference(LightningCase c) => CheckLightningBackward(c);
+
+
+
+    private (double[] q, double[] k, double[] v, double[]? s0) LightningInputs(LightningCase c, int seed)
+    {
+        var x = c.Dims;
+        // Scaled so long causal sums stay O(1).
+        double amp = 1.0 / Math.Sqrt(Math.Max(1, Math.Min(c.N, 64)));
+        return (ReferenceAttention.Random((long)x.B * x.Nq * x.H * x.D, seed, 1.0),
+            ReferenceAttention.Random((long)x.B * x.Nk * x.Hk * x.D, seed + 1, amp),
+            ReferenceAttention.Random((long)x.B * x.Nk * x.Hk * x.Dv, seed + 2, 1.0),
+            c.WithS0 ? ReferenceAttention.Random((long)x.B * x.H * x.D * x.Dv, seed + 3, 0.5) : null);
+    }
+
+    protected void CheckLightningForward(LightningCase c)
+    {
+        var x = c.Dims;
+        var (q, k, v, s0) = LightningInputs(c, 51);
+        var decay = c.Decay.Select(f => (double)f).ToArray();
+        var (eo, es) = ReferenceAttention.LightningForward(q, k, v, decay, c.Causal, s0, x);
+        using var tq = Upload(q, x.B, x.Nq, x.H, x.D);
+        using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
+        using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
+        using var ts0 = s0 is null ? null : Upload(s0, x.B, x.H, x.D, x.Dv);
+        using var to = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
+        using var tse = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        Backend.LightningForward(tq, tk, tv, c.Decay, c.Causal, ts0, to, tse);
+        AssertClose(eo, to, "O");
+        AssertClose(es, tse, "S_end");
+        // Without an outgoing state the output is the same.
+        using var to2 = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
+        Backend.LightningForward(tq, tk, tv, c.Decay, c.Causal, ts0, to2, null);
+        AssertClose(eo, to2, "O (no S_end)");
+        // The chunk state is S_end without S0.
+        var em = ReferenceAttention.ChunkState(k, v, decay, c.Causal, x);
+        using var tm = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        Backend.LightningChunkState(tk, tv, c.Decay, c.Causal, tm);
+        AssertClose(em, tm, "chunk state M");
+    }
+
+    protected void CheckLightningBackward(LightningCase c)
+    {
+        var x = c.Dims;
+        var (q, k, v, s0) = LightningInputs(c, 61);
+        var decay = c.Decay.Select(f => (double)f).ToArray();
+        var dO = ReferenceAttention.Random((long)x.B * x.Nq * x.H * x.Dv, 65);
+        var dSEnd = ReferenceAttention.Random((long)x.B * x.H * x.D * x.Dv, 66, 0.5);
+        var (edq, edk, edv, eds0) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, s0, dO, dSEnd, x);
+        using var tq = Upload(q, x.B, x.Nq, x.H, x.D);
+        using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
+        using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
+        using var ts0 = s0 is null ? null : Upload(s0, x.B, x.H, x.D, x.Dv);
+        using var tdo = Upload(dO, x.B, x.Nq, x.H, x.Dv);
+        using var tdse = Upload(dSEnd, x.B, x.H, x.D, x.Dv);
+        using var dq = Backend.Allocate(x.B, x.Nq, x.H, x.D);
+        using var dk = Backend.Allocate(x.B, x.Nk, x.Hk, x.D);
+        using var dv = Backend.Allocate(x.B, x.Nk, x.Hk, x.Dv);
+        using var ds0 = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, tdse, dq, dk, dv, ds0);
+        AssertClose(edq, dq, "dQ");
+        AssertClose(edk, dk, "dK");
+        AssertClose(edv, dv, "dV");
+        AssertClose(eds0, ds0, "dS0");
+        // Without dS_end and without dS0.
+        var (edq2, edk2, _, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, s0, dO, null, x);
+        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, null, dq, dk, dv, null);
+        AssertClose(edq2, dq, "dQ (no dS_end)");
+        AssertClose(edk2, dk, "dK (no dS_end)");
+        // The chunk-state mirror.
+        var edm = ReferenceAttention.ChunkStateBackward(q, dO, decay, c.Causal, x);
+        using var dm = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        Backend.LightningChunkStateBackward(tq, tdo, c.Decay, c.Causal, dm);
+        AssertClose(edm, dm, "chunk state dM");
+    }
+
+    // ----- tensors and validation -------------------------------------------------------------------
+
+    [Fact]
+    public void CopySliceClearAndHostCopies_MoveTheRightElements()
+    {
+        var data = Enumerable.Range(0, 2 * 5 * 3).Select(i => (double)i).ToArray();
+        using var src = Upload(data, 2, 5, 3);
+        using var dst = Backend.Allocate(2, 4, 3);
+        Backend.CopySlice(src, 1, dst, 2, 2, axis: 1);
+        var got = Download(dst);
+        for (int b = 0; b < 2; b++)
+            for (int t = 0; t < 4; t++)
+                for (int e = 0; e < 3; e++)
+                {
+                    float expected = t >= 2 ? (float)data[(b * 5 + (t - 2 + 1)) * 3 + e] : 0f;
+                    Assert.Equal(expected, got[(b * 4 + t) * 3 + e]);
+                }
+        using var lse = Upload(Enumerable.Range(0, 2 * 3 * 6).Select(i => (double)i).ToArray(), 2, 3, 6);
+        using var part = Backend.Allocate(2, 3, 2);
+        Backend.CopySlice(lse, 4, part, 0, 2, axis: 2);
+        Assert.Equal(new float[] { 4, 5, 10, 11, 16, 17, 22, 23, 28, 29, 34, 35 }, Download(part));
+        var window = new float[3];
+        src.CopyToHost(window, 7);
+        Assert.Equal(new float[] { 7, 8, 9 }, window);
+        src.CopyFromHost(new float[] { -1, -2 }, 28);
+        Assert.Equal(-2f, Download(src)[29]);
+        Backend.Clear(src);
+        Assert.All(Download(src), f => Assert.Equal(0f, f));
+        Assert.ThrowsAny<ArgumentException>(() => src.CopyToHost(new float[4], 28));
+    }
+
+    [Fact]
+    public void Validation_NamesTheWrongParameter()
+    {
+        using var q = Backend.Allocate(1, 8, 4, 16);
+        using var k3 = Backend.Allocate(1, 8, 3, 16);
+        using var k = Backend.Allocate(1, 8, 2, 16);
+        using var v = Backend.Allocate(1, 8, 2, 16);
+        using var o = Backend.Allocate(1, 8, 4, 16);
+        using var badO = Backend.Allocate(1, 8, 4, 8);
+        using var lse = Backend.Allocate(1, 4, 8);
+        using var s = Backend.Allocate(1, 4, 16, 16);
+        var e1 = Assert.ThrowsAny<ArgumentException>(() => Backend.FlashForward(q, k3, v, o, lse, default));
+        Assert.Contains(e1.ParamName, new[] { "k", "v" });
+        var e2 = Assert.ThrowsAny<ArgumentException>(() => Backend.FlashForward(q, k, v, badO, lse, default));
+        Assert.Equal("o", e2.ParamName);
+        var e3 = Assert.ThrowsAny<ArgumentException>(() => Backend.LightningForward(q, k, v, [0.5f, 0.5f], true, null, o, null));
+        Assert.Equal("decay", e3.ParamName);
+        var e4 = Assert.ThrowsAny<ArgumentException>(() => Backend.LightningForward(q, k, v, [1f, 1f, 1.5f, 1f], true, null, o, null));
+        Assert.Equal("decay", e4.ParamName);
+        var e5 = Assert.ThrowsAny<ArgumentException>(() => Backend.LightningForward(q, k, v, Same(1f), true, badO, o, null));
+        Assert.Equal("s0", e5.ParamName);
+        var e6 = Assert.ThrowsAny<ArgumentException>(() => Backend.MergeSoftmax(o, lse, badO, lse));
+        Assert.Equal("oB", e6.ParamName);
+        Backend.LightningForward(q, k, v, Same(1f), true, s, o, s); // the right shapes pass
+    }
+}
