@@ -31,6 +31,8 @@ public sealed class IlgpuTensor : DeviceTensor
     {
         CheckRange(source.Length, offset, nameof(source));
         if (source.IsEmpty) return;
+        // Kernels are queued; a plain host copy does not wait for one still reading or writing this buffer.
+        Accelerator.Synchronize();
         _buffer.View.SubView(offset, source.Length).CopyFromCPU(ref MemoryMarshal.GetReference(source), source.Length);
     }
 
@@ -39,6 +41,7 @@ public sealed class IlgpuTensor : DeviceTensor
     {
         CheckRange(destination.Length, offset, nameof(destination));
         if (destination.IsEmpty) return;
+        Accelerator.Synchronize();
         _buffer.View.SubView(offset, destination.Length).CopyToCPU(ref MemoryMarshal.GetReference(destination), destination.Length);
     }
 
