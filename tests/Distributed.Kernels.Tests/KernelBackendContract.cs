@@ -10,7 +10,7 @@ namespace Distributed.Kernels.Tests;
 /// the edges: N not a multiple of the tile, D of 16..128, Dv ≠ D, GQA 4/4, 4/2, 4/1, causal with global
 /// offsets (partly and fully masked rows), λ in {1, 0.9, 0.01}, incoming and outgoing states. One suite,
 /// run once per backend by a subclass (fast backends add the large cases by calling the Check methods).
-/// Relative error = max|a − b| / max|b| ≤ 1e-4.
+/// Relative error = max|a − b| / max(max|b|, 0.01) ≤ 1e-4 (see <see cref="ReferenceAttention.RelativeError"/>).
 /// </summary>
 public abstract class KernelBackendContract : IDisposable
 {
