@@ -11,6 +11,20 @@ public sealed class IlgpuBackendTests : KernelBackendContract
 {
     protected override IKernelBackend CreateBackend() => IlgpuBackend.CreateCpu();
 
+    /// <summary>Longer chunks than the contract's, so several 64-row blocks chain through strong decay.</summary>
+    public static TheoryData<LightningCase> LongChunkLightningCases() =>
+    [
+        new LightningCase(1, 300, 4, 2, 16, 16, true, [0.01f, 0.3f, 0.9f, 1f], true),
+    ];
+
+    [Theory]
+    [MemberData(nameof(LongChunkLightningCases))]
+    public void LightningForward_LongChunkStrongDecay_MatchesReference(LightningCase c) => CheckLightningForward(c);
+
+    [Theory]
+    [MemberData(nameof(LongChunkLightningCases))]
+    public void LightningBackward_LongChunkStrongDecay_MatchesReference(LightningCase c) => CheckLightningBackward(c);
+
     [Fact]
     public void CreateCpu_IsNamedIlgpuCpu()
     {

@@ -33,6 +33,15 @@ internal static class FlashKernels
     /// <summary>Largest head dim; the shared tiles are sized for it (48 KB static shared memory at most).</summary>
     public const int MaxHeadDim = 128;
 
+    /// <summary>
+    /// Row stride of the per-thread accumulator rows. Odd, so the 32 threads of a warp, each at column c
+    /// of its own row, hit 32 different banks instead of one.
+    /// </summary>
+    public const int AccStride = MaxHeadDim + 1;
+
+    /// <summary>Row stride of the per-thread score rows (odd for the same reason).</summary>
+    public const int ScoreStride = TileK + 1;
+
     /// <summary>Number of keys [0, end) a query tile can see, the same for every thread of the group.</summary>
     private static int KeyEnd(in FlashParams p, int lastRow)
     {
@@ -50,8 +59,8 @@ internal static class FlashKernels
     {
         var kTile = SharedMemory.Allocate<float>(TileK * MaxHeadDim);
         var vTile = SharedMemory.Allocate<float>(TileK * MaxHeadDim);
-        var acc = SharedMemory.Allocate<float>(TileQ * MaxHeadDim);
-        var scores = SharedMemory.Allocate<float>(TileQ * TileK);
+        var acc = SharedMemory.Allocate<float>(TileQ * AccStride);
+        var scores = SharedMemory.Allocate<float>(TileQ * ScoreStride);
 
         int t = Group.IdxX;
         int qTiles = (p.Nq + TileQ - 1) / TileQ;
@@ -62,7 +71,7 @@ internal static class FlashKernels
         int i = qt * TileQ + t;
         bool row = i < p.Nq;
         long qBase = (((long)b * p.Nq + i) * p.H + h) * p.D;
-        int accBase = t * MaxHeadDim;
+        int accBase = t * AccStride;
 
         for (int c = 0; c < p.Dv; c++) acc[accBase + c] = 0f;
         float m = float.NegativeInfinity, l = 0f;
@@ -87,7 +96,7 @@ internal static class FlashKernels
                     for (int d = 0; d < p.D; d++) dot += q[qBase + d] * kTile[jj * MaxHeadDim + d];
                     s = dot * p.Scale;
                 }
-                scores[t * TileK + jj] = s;
+                scores[t * ScoreStride + jj] = s;
                 tileMax = Math.Max(tileMax, s);
             }
             if (tileMax == float.NegativeInfinity) continue;
@@ -98,7 +107,7 @@ internal static class FlashKernels
             for (int c = 0; c < p.Dv; c++) acc[accBase + c] *= corr;
             for (int jj = 0; jj < TileK; jj++)
             {
-                float pr = MathF.Exp(scores[t * TileK + jj] - mNew);
+                float pr = MathF.Exp(scores[t * ScoreStride + jj] - mNew);
                 if (pr == 0f) continue;
                 l += pr;
                 for (int c = 0; c < p.Dv; c++) acc[accBase + c] += pr * vTile[jj * MaxHeadDim + c];
@@ -119,7 +128,7 @@ internal static class FlashKernels
     {
         var kTile = SharedMemory.Allocate<float>(TileK * MaxHeadDim);
         var vTile = SharedMemory.Allocate<float>(TileK * MaxHeadDim);
-        var acc = SharedMemory.Allocate<float>(TileQ * MaxHeadDim);
+        var acc = SharedMemory.Allocate<float>(TileQ * AccStride);
 
         int t = Group.IdxX;
         int qTiles = (p.Nq + TileQ - 1) / TileQ;
@@ -131,7 +140,7 @@ internal static class FlashKernels
         bool row = i < p.Nq;
         long qBase = (((long)b * p.Nq + i) * p.H + h) * p.D;
         long oBase = (((long)b * p.Nq + i) * p.H + h) * p.Dv;
-        int accBase = t * MaxHeadDim;
+        int accBase = t * AccStride;
         float rowLse = float.NegativeInfinity, rowD = 0f;
         if (row)
         {
@@ -182,8 +191,8 @@ internal static class FlashKernels
     {
         var qTile = SharedMemory.Allocate<float>(TileQb * MaxHeadDim);
         var doTile = SharedMemory.Allocate<float>(TileQb * MaxHeadDim);
-        var accK = SharedMemory.Allocate<float>(TileKb * MaxHeadDim);
-        var accV = SharedMemory.Allocate<float>(TileKb * MaxHeadDim);
+        var accK = SharedMemory.Allocate<float>(TileKb * AccStride);
+        var accV = SharedMemory.Allocate<float>(TileKb * AccStride);
         var rowTile = SharedMemory.Allocate<float>(2 * TileQb);
 
         int t = Group.IdxX;
@@ -196,7 +205,7 @@ internal static class FlashKernels
         bool key = j < p.Nk;
         long kBase = (((long)b * p.Nk + j) * p.Hk + hk) * p.D;
         long vBase = (((long)b * p.Nk + j) * p.Hk + hk) * p.Dv;
-        int accBase = t * MaxHeadDim;
+        int accBase = t * AccStride;
         for (int d = 0; d < p.D; d++) accK[accBase + d] = 0f;
         for (int c = 0; c < p.Dv; c++) accV[accBase + c] = 0f;
 
