@@ -15,7 +15,7 @@ public sealed class CpuBackendTests : KernelBackendContract
     public void FlashForward_Large_MatchesReference(FlashCase c) => CheckFlashForward(c);
 
     [Theory]
-    [MemberData(nameof(LargeFlashCases))]
+    [MemberData(nameof(LargeFlashBackwardCases))]
     public void FlashBackward_Large_MatchesReference(FlashCase c) => CheckFlashBackward(c);
 
     [Theory]
@@ -23,7 +23,7 @@ public sealed class CpuBackendTests : KernelBackendContract
     public void LightningForward_Large_MatchesReference(LightningCase c) => CheckLightningForward(c);
 
     [Theory]
-    [MemberData(nameof(LargeLightningCases))]
+    [MemberData(nameof(LargeLightningBackwardCases))]
     public void LightningBackward_Large_MatchesReference(LightningCase c) => CheckLightningBackward(c);
 
     [Fact]

@@ -78,6 +78,18 @@ public abstract class KernelBackendContract : IDisposable
         new LightningCase(1, 130, 4, 2, 16, 16, true, [1f, 0.9f, 0.5f, 0.01f], true),
     ];
 
+    /// <summary>Backward at large N costs the naive fp64 reference O(N²·D) per head: smaller than forward's.</summary>
+    public static TheoryData<FlashCase> LargeFlashBackwardCases() =>
+    [
+        new FlashCase(1, 700, 700, 2, 1, 64, 64, true),
+        new FlashCase(1, 300, 650, 2, 2, 64, 64, false),
+    ];
+
+    public static TheoryData<LightningCase> LargeLightningBackwardCases() =>
+    [
+        new LightningCase(1, 333, 4, 2, 64, 64, true, [1f, 0.99f, 0.9f, 0.5f], true),
+    ];
+
     public static TheoryData<LightningCase> LargeLightningCases() =>
     [
         new LightningCase(1, 1000, 4, 2, 64, 64, true, [1f, 0.99f, 0.9f, 0.5f], true),
