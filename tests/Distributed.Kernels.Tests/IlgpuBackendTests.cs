@@ -1,4 +1,5 @@
 using Distributed.Kernels.Ilgpu;
+using Distributed.Reference;
 using Xunit;
 
 namespace Distributed.Kernels.Tests;
@@ -29,6 +30,28 @@ public sealed class IlgpuBackendTests : KernelBackendContract
     public void CreateCpu_IsNamedIlgpuCpu()
     {
         Assert.Equal("ilgpu-cpu", Backend.Name);
+    }
+
+    [Fact]
+    public void CreateBest_GivesAWorkingBackendOfTheBestKind()
+    {
+        // CUDA where a GPU is present, else OpenCL with the generic address space, else the CPU accelerator.
+        using var cuda = IlgpuBackend.TryCreateCuda();
+        using var best = IlgpuBackend.CreateBest();
+        if (cuda is not null) Assert.Equal("ilgpu-cuda", best.Name);
+        else Assert.Contains(best.Name, new[] { "ilgpu-opencl", "ilgpu-cpu" });
+        var q = ReferenceAttention.Random(5L * 2 * 16, 3);
+        var dims = new ReferenceAttention.Dims(1, 5, 5, 2, 2, 16, 16);
+        var (eo, _) = ReferenceAttention.FlashForward(q, q, q, dims, 0, 0, true, 0.25);
+        using var t = best.Allocate(1, 5, 2, 16);
+        t.CopyFromHost(q.Select(x => (float)x).ToArray());
+        using var o = best.Allocate(1, 5, 2, 16);
+        using var lse = best.Allocate(1, 2, 5);
+        best.FlashForward(t, t, t, o, lse, new FlashOptions(Causal: true));
+        best.Synchronize();
+        var got = new float[o.Length];
+        o.CopyToHost(got);
+        Assert.True(ReferenceAttention.RelativeError(got, eo) <= Tolerance);
     }
 
     [Fact]
