@@ -42,6 +42,12 @@ internal static class FlashKernels
     /// <summary>Row stride of the per-thread score rows (odd for the same reason).</summary>
     public const int ScoreStride = TileK + 1;
 
+    /// <summary>Key rows staged per step in the forward kernel, which also keeps the query tile in shared memory.</summary>
+    public const int ForwardTileK = 8;
+
+    /// <summary>Row stride of the forward kernel's score rows.</summary>
+    public const int ForwardScoreStride = ForwardTileK + 1;
+
     /// <summary>Number of keys [0, end) a query tile can see, the same for every thread of the group.</summary>
     private static int KeyEnd(in FlashParams p, int lastRow)
     {
@@ -57,10 +63,11 @@ internal static class FlashKernels
     public static void Forward(ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
         ArrayView<float> o, ArrayView<float> lse, FlashParams p)
     {
-        var kTile = SharedMemory.Allocate<float>(TileK * MaxHeadDim);
-        var vTile = SharedMemory.Allocate<float>(TileK * MaxHeadDim);
+        var kTile = SharedMemory.Allocate<float>(ForwardTileK * MaxHeadDim);
+        var vTile = SharedMemory.Allocate<float>(ForwardTileK * MaxHeadDim);
+        var qRows = SharedMemory.Allocate<float>(TileQ * AccStride);
         var acc = SharedMemory.Allocate<float>(TileQ * AccStride);
-        var scores = SharedMemory.Allocate<float>(TileQ * ScoreStride);
+        var scores = SharedMemory.Allocate<float>(TileQ * ForwardScoreStride);
 
         int t = Group.IdxX;
         int qTiles = (p.Nq + TileQ - 1) / TileQ;
@@ -74,29 +81,31 @@ internal static class FlashKernels
         int accBase = t * AccStride;
 
         for (int c = 0; c < p.Dv; c++) acc[accBase + c] = 0f;
+        // The query row is read once per key; shared memory serves it without a global load each time.
+        for (int d = 0; d < p.D; d++) qRows[accBase + d] = row ? q[qBase + d] : 0f;
         float m = float.NegativeInfinity, l = 0f;
         int jEnd = KeyEnd(p, Math.Min(qt * TileQ + TileQ, p.Nq) - 1);
 
-        for (int j0 = 0; j0 < jEnd; j0 += TileK)
+        for (int j0 = 0; j0 < jEnd; j0 += ForwardTileK)
         {
             Group.Barrier();
-            LoadRows(k, kTile, b, j0, p.Nk, p.Hk, hk, p.D, TileK, t, TileQ);
-            LoadRows(v, vTile, b, j0, p.Nk, p.Hk, hk, p.Dv, TileK, t, TileQ);
+            LoadRows(k, kTile, b, j0, p.Nk, p.Hk, hk, p.D, ForwardTileK, t, TileQ);
+            LoadRows(v, vTile, b, j0, p.Nk, p.Hk, hk, p.Dv, ForwardTileK, t, TileQ);
             Group.Barrier();
             if (!row) continue;
 
             float tileMax = float.NegativeInfinity;
-            for (int jj = 0; jj < TileK; jj++)
+            for (int jj = 0; jj < ForwardTileK; jj++)
             {
                 int j = j0 + jj;
                 float s = float.NegativeInfinity;
                 if (j < p.Nk && Sees(p, i, j))
                 {
                     float dot = 0f;
-                    for (int d = 0; d < p.D; d++) dot += q[qBase + d] * kTile[jj * MaxHeadDim + d];
+                    for (int d = 0; d < p.D; d++) dot += qRows[accBase + d] * kTile[jj * MaxHeadDim + d];
                     s = dot * p.Scale;
                 }
-                scores[t * ScoreStride + jj] = s;
+                scores[t * ForwardScoreStride + jj] = s;
                 tileMax = Math.Max(tileMax, s);
             }
             if (tileMax == float.NegativeInfinity) continue;
@@ -105,9 +114,9 @@ internal static class FlashKernels
             float corr = MathF.Exp(m - mNew);
             l *= corr;
             for (int c = 0; c < p.Dv; c++) acc[accBase + c] *= corr;
-            for (int jj = 0; jj < TileK; jj++)
+            for (int jj = 0; jj < ForwardTileK; jj++)
             {
-                float pr = MathF.Exp(scores[t * ScoreStride + jj] - mNew);
+                float pr = MathF.Exp(scores[t * ForwardScoreStride + jj] - mNew);
                 if (pr == 0f) continue;
                 l += pr;
                 for (int c = 0; c < p.Dv; c++) acc[accBase + c] += pr * vTile[jj * MaxHeadDim + c];
