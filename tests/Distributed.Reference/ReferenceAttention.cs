@@ -47,12 +47,14 @@ public static class ReferenceAttention
                 int g = h / x.Group;
                 for (int i = 0; i < x.Nq; i++)
                 {
+                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
                     double max = double.NegativeInfinity;
                     for (int j = 0; j < x.Nk; j++)
                     {
                         if (!Visible(causal, qOffset, kOffset, i, j)) { s[j] = double.NegativeInfinity; continue; }
+                        long ki = x.K(b, j, g, 0);
                         double dot = 0;
-                        for (int d = 0; d < x.D; d++) dot += q[x.Q(b, i, h, d)] * k[x.K(b, j, g, d)];
+                        for (int d = 0; d < x.D; d++) dot += q[qi + d] * k[ki + d];
                         s[j] = dot * scale;
                         max = Math.Max(max, s[j]);
                     }
@@ -63,7 +65,8 @@ public static class ReferenceAttention
                     {
                         if (double.IsNegativeInfinity(s[j])) continue;
                         double p = Math.Exp(s[j] - max) / sum;
-                        for (int e = 0; e < x.Dv; e++) o[x.O(b, i, h, e)] += p * v[x.V(b, j, g, e)];
+                        long vi = x.V(b, j, g, 0);
+                        for (int e = 0; e < x.Dv; e++) o[oi + e] += p * v[vi + e];
                     }
                     lse[x.L(b, h, i)] = max + Math.Log(sum);
                 }
@@ -90,25 +93,27 @@ public static class ReferenceAttention
                 {
                     double l = lse[x.L(b, h, i)];
                     if (double.IsNegativeInfinity(l)) continue;
+                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
                     double drow = 0;
-                    for (int e = 0; e < x.Dv; e++) drow += dO[x.O(b, i, h, e)] * o[x.O(b, i, h, e)];
+                    for (int e = 0; e < x.Dv; e++) drow += dO[oi + e] * o[oi + e];
                     for (int j = 0; j < x.Nk; j++)
                     {
                         if (!Visible(causal, qOffset, kOffset, i, j)) continue;
+                        long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
                         double dot = 0;
-                        for (int d = 0; d < x.D; d++) dot += q[x.Q(b, i, h, d)] * k[x.K(b, j, g, d)];
+                        for (int d = 0; d < x.D; d++) dot += q[qi + d] * k[ki + d];
                         double p = Math.Exp(dot * scale - l);
                         double dp = 0;
                         for (int e = 0; e < x.Dv; e++)
                         {
-                            dp += dO[x.O(b, i, h, e)] * v[x.V(b, j, g, e)];
-                            dv[x.V(b, j, g, e)] += p * dO[x.O(b, i, h, e)];
+                            dp += dO[oi + e] * v[vi + e];
+                            dv[vi + e] += p * dO[oi + e];
                         }
                         double ds = p * (dp - drow) * scale;
                         for (int d = 0; d < x.D; d++)
                         {
-                            dq[x.Q(b, i, h, d)] += ds * k[x.K(b, j, g, d)];
-                            dk[x.K(b, j, g, d)] += ds * q[x.Q(b, i, h, d)];
+                            dq[qi + d] += ds * k[ki + d];
+                            dk[ki + d] += ds * q[qi + d];
                         }
                     }
                 }
@@ -188,7 +193,8 @@ public static class ReferenceAttention
 
     /// <summary>
     /// Lightning attention by the direct sum. Causal: o_i = Σ_{j≤i} λ^(i−j)(q_i·k_j)v_j + λ^(i+1) q_i S0,
-    /// S_end = λ^N S0 + Σ_j λ^(N−1−j) k_jᵀ v_j. Non-causal: O = Q(S0 + KᵀV), S_end = S0 + KᵀV.
+    /// S_end = λ^N S0 + Σ_j λ^(N−1−j) k_jᵀ v_j. Non-causal (λ ignored): O = Q(S0 + KᵀV), S_end = S0 + KᵀV.
+    /// Q [B,N,H,D], K [B,N,Hk,D], V [B,N,Hk,Dv] (x.Nq = x.Nk = N), S0 and S_end [B,H,D,Dv]; s0 null means zero.
     /// </summary>
     public static (double[] O, double[] SEnd) LightningForward(double[] q, double[] k, double[] v, double[] decay, bool causal, double[]? s0, Dims x)
     {
@@ -199,40 +205,46 @@ public static class ReferenceAttention
             for (int h = 0; h < x.H; h++)
             {
                 int g = h / x.Group;
-                double lam = causal ? decay[h] : 1.0;
+                var pw = Powers(causal ? decay[h] : 1.0, n + 1);
+                long sb = x.S(b, h, 0, 0);
                 for (int i = 0; i < n; i++)
                 {
+                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
                     for (int j = 0; j < n; j++)
                     {
                         if (causal && j > i) break;
-                        double w = causal ? Math.Pow(lam, i - j) : 1.0;
+                        long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
                         double dot = 0;
-                        for (int d = 0; d < x.D; d++) dot += q[x.Q(b, i, h, d)] * k[x.K(b, j, g, d)];
-                        for (int e = 0; e < x.Dv; e++) o[x.O(b, i, h, e)] += w * dot * v[x.V(b, j, g, e)];
+                        for (int d = 0; d < x.D; d++) dot += q[qi + d] * k[ki + d];
+                        double w = (causal ? pw[i - j] : 1.0) * dot;
+                        for (int e = 0; e < x.Dv; e++) o[oi + e] += w * v[vi + e];
                     }
-                    if (s0 is not null)
+                    if (s0 is null) continue;
+                    for (int d = 0; d < x.D; d++)
                     {
-                        double w = causal ? Math.Pow(lam, i + 1) : 1.0;
-                        for (int e = 0; e < x.Dv; e++)
-                        {
-                            double acc = 0;
-                            for (int d = 0; d < x.D; d++) acc += q[x.Q(b, i, h, d)] * s0[x.S(b, h, d, e)];
-                            o[x.O(b, i, h, e)] += w * acc;
-                        }
+                        double qd = pw[i + 1] * q[qi + d];
+                        for (int e = 0; e < x.Dv; e++) o[oi + e] += qd * s0[sb + (long)d * x.Dv + e];
                     }
                 }
-                for (int d = 0; d < x.D; d++)
-                    for (int e = 0; e < x.Dv; e++)
+                if (s0 is not null)
+                    for (int t = 0; t < x.D * x.Dv; t++) sEnd[sb + t] = pw[n] * s0[sb + t];
+                for (int j = 0; j < n; j++)
+                {
+                    long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
+                    for (int d = 0; d < x.D; d++)
                     {
-                        double acc = s0 is null ? 0 : Math.Pow(lam, n) * s0[x.S(b, h, d, e)];
-                        for (int j = 0; j < n; j++) acc += Math.Pow(lam, n - 1 - j) * k[x.K(b, j, g, d)] * v[x.V(b, j, g, e)];
-                        sEnd[x.S(b, h, d, e)] = acc;
+                        double kd = pw[n - 1 - j] * k[ki + d];
+                        for (int e = 0; e < x.Dv; e++) sEnd[sb + (long)d * x.Dv + e] += kd * v[vi + e];
                     }
+                }
             }
         return (o, sEnd);
     }
 
-    /// <summary>Gradients of Σ O∘dO + Σ S_end∘dS_end through <see cref="LightningForward"/>.</summary>
+    /// <summary>
+    /// Gradients of L = Σ O∘dO + Σ S_end∘dS_end through <see cref="LightningForward"/>, term by term from its
+    /// formulas (dSEnd null means zero). dS0 [B,H,D,Dv] is returned even when s0 is null (the gradient at S0 = 0).
+    /// </summary>
     public static (double[] dQ, double[] dK, double[] dV, double[] dS0) LightningBackward(double[] q, double[] k, double[] v, double[] decay, bool causal,
         double[]? s0, double[] dO, double[]? dSEnd, Dims x)
     {
@@ -245,52 +257,68 @@ public static class ReferenceAttention
             for (int h = 0; h < x.H; h++)
             {
                 int g = h / x.Group;
-                double lam = causal ? decay[h] : 1.0;
-                double S0(int d, int e) => s0 is null ? 0 : s0[x.S(b, h, d, e)];
-                double GE(int d, int e) => dSEnd is null ? 0 : dSEnd[x.S(b, h, d, e)];
+                var pw = Powers(causal ? decay[h] : 1.0, n + 1);
+                long sb = x.S(b, h, 0, 0);
+                // o_i += w_ij (q_i·k_j) v_j
                 for (int i = 0; i < n; i++)
+                {
+                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
                     for (int j = 0; j < n; j++)
                     {
-                        if (causal && j > i) continue;
-                        double w = causal ? Math.Pow(lam, i - j) : 1.0;
+                        if (causal && j > i) break;
+                        long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
+                        double w = causal ? pw[i - j] : 1.0;
                         double qk = 0, gv = 0;
-                        for (int d = 0; d < x.D; d++) qk += q[x.Q(b, i, h, d)] * k[x.K(b, j, g, d)];
-                        for (int e = 0; e < x.Dv; e++) gv += dO[x.O(b, i, h, e)] * v[x.V(b, j, g, e)];
+                        for (int d = 0; d < x.D; d++) qk += q[qi + d] * k[ki + d];
+                        for (int e = 0; e < x.Dv; e++) gv += dO[oi + e] * v[vi + e];
                         for (int d = 0; d < x.D; d++)
                         {
-                            dq[x.Q(b, i, h, d)] += w * gv * k[x.K(b, j, g, d)];
-                            dk[x.K(b, j, g, d)] += w * gv * q[x.Q(b, i, h, d)];
+                            dq[qi + d] += w * gv * k[ki + d];
+                            dk[ki + d] += w * gv * q[qi + d];
                         }
-                        for (int e = 0; e < x.Dv; e++) dv[x.V(b, j, g, e)] += w * qk * dO[x.O(b, i, h, e)];
+                        for (int e = 0; e < x.Dv; e++) dv[vi + e] += w * qk * dO[oi + e];
                     }
-                // Through S0 (o_i += λ^(i+1) q_i S0) and S_end (λ^N S0 + Σ λ^(N−1−j) k_jᵀ v_j).
+                }
+                // o_i += λ^(i+1) q_i S0
                 for (int i = 0; i < n; i++)
                 {
-                    double w = causal ? Math.Pow(lam, i + 1) : 1.0;
+                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
                     for (int d = 0; d < x.D; d++)
+                    {
+                        long sd = sb + (long)d * x.Dv;
+                        double acc = 0;
                         for (int e = 0; e < x.Dv; e++)
                         {
-                            dq[x.Q(b, i, h, d)] += w * S0(d, e) * dO[x.O(b, i, h, e)];
-                            ds0[x.S(b, h, d, e)] += w * q[x.Q(b, i, h, d)] * dO[x.O(b, i, h, e)];
+                            if (s0 is not null) acc += s0[sd + e] * dO[oi + e];
+                            ds0[sd + e] += pw[i + 1] * q[qi + d] * dO[oi + e];
                         }
+                        dq[qi + d] += pw[i + 1] * acc;
+                    }
                 }
+                if (dSEnd is null) continue;
+                // S_end = λ^N S0 + Σ_j λ^(N−1−j) k_jᵀ v_j
                 for (int j = 0; j < n; j++)
                 {
-                    double w = Math.Pow(lam, n - 1 - j);
+                    long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
+                    double w = pw[n - 1 - j];
                     for (int d = 0; d < x.D; d++)
+                    {
+                        long sd = sb + (long)d * x.Dv;
+                        double acc = 0;
                         for (int e = 0; e < x.Dv; e++)
                         {
-                            dk[x.K(b, j, g, d)] += w * GE(d, e) * v[x.V(b, j, g, e)];
-                            dv[x.V(b, j, g, e)] += w * GE(d, e) * k[x.K(b, j, g, d)];
+                            acc += dSEnd[sd + e] * v[vi + e];
+                            dv[vi + e] += w * dSEnd[sd + e] * k[ki + d];
                         }
+                        dk[ki + d] += w * acc;
+                    }
                 }
-                for (int d = 0; d < x.D; d++)
-                    for (int e = 0; e < x.Dv; e++) ds0[x.S(b, h, d, e)] += Math.Pow(lam, n) * GE(d, e);
+                for (int t = 0; t < x.D * x.Dv; t++) ds0[sb + t] += pw[n] * dSEnd[sb + t];
             }
         return (dq, dk, dv, ds0);
     }
 
-    /// <summary>Chunk state M = Σ_j λ^(N−1−j) k_jᵀ v_j per query head (λ = 1 when not causal).</summary>
+    /// <summary>Chunk state M = Σ_j λ^(N−1−j) k_jᵀ v_j [B,H,D,Dv] per query head (λ = 1 when not causal); N = x.Nk.</summary>
     public static double[] ChunkState(double[] k, double[] v, double[] decay, bool causal, Dims x)
     {
         var m = new double[(long)x.B * x.H * x.D * x.Dv];
@@ -298,33 +326,49 @@ public static class ReferenceAttention
             for (int h = 0; h < x.H; h++)
             {
                 int g = h / x.Group;
-                double lam = causal ? decay[h] : 1.0;
+                var pw = Powers(causal ? decay[h] : 1.0, x.Nk);
+                long sb = x.S(b, h, 0, 0);
                 for (int j = 0; j < x.Nk; j++)
                 {
-                    double w = Math.Pow(lam, x.Nk - 1 - j);
+                    long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
                     for (int d = 0; d < x.D; d++)
-                        for (int e = 0; e < x.Dv; e++) m[x.S(b, h, d, e)] += w * k[x.K(b, j, g, d)] * v[x.V(b, j, g, e)];
+                    {
+                        double kd = pw[x.Nk - 1 - j] * k[ki + d];
+                        for (int e = 0; e < x.Dv; e++) m[sb + (long)d * x.Dv + e] += kd * v[vi + e];
+                    }
                 }
             }
         return m;
     }
 
-    /// <summary>Chunk-state mirror dM = Σ_i λ^(i+1) q_iᵀ dO_i per head (λ = 1 when not causal).</summary>
+    /// <summary>Chunk-state mirror dM = Σ_i λ^(i+1) q_iᵀ dO_i [B,H,D,Dv] per head (λ = 1 when not causal); N = x.Nq.</summary>
     public static double[] ChunkStateBackward(double[] q, double[] dO, double[] decay, bool causal, Dims x)
     {
         var m = new double[(long)x.B * x.H * x.D * x.Dv];
         for (int b = 0; b < x.B; b++)
             for (int h = 0; h < x.H; h++)
             {
-                double lam = causal ? decay[h] : 1.0;
+                var pw = Powers(causal ? decay[h] : 1.0, x.Nq + 1);
+                long sb = x.S(b, h, 0, 0);
                 for (int i = 0; i < x.Nq; i++)
                 {
-                    double w = Math.Pow(lam, i + 1);
+                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
                     for (int d = 0; d < x.D; d++)
-                        for (int e = 0; e < x.Dv; e++) m[x.S(b, h, d, e)] += w * q[x.Q(b, i, h, d)] * dO[x.O(b, i, h, e)];
+                    {
+                        double qd = pw[i + 1] * q[qi + d];
+                        for (int e = 0; e < x.Dv; e++) m[sb + (long)d * x.Dv + e] += qd * dO[oi + e];
+                    }
                 }
             }
         return m;
+    }
+
+    /// <summary>λ^t for t in [0, count); each by Math.Pow so strong decay underflows cleanly to 0 without drift.</summary>
+    private static double[] Powers(double lambda, int count)
+    {
+        var p = new double[count];
+        for (int t = 0; t < count; t++) p[t] = Math.Pow(lambda, t);
+        return p;
     }
 
     /// <summary>Deterministic values in [-1, 1) (a fixed-seed generator), as fp32-representable doubles.</summary>
