@@ -74,6 +74,8 @@ public abstract class KernelBackendContract : IDisposable
         new LightningCase(1, 64, 4, 1, 64, 64, true, Same(0.01f), true),
         new LightningCase(1, 100, 4, 4, 16, 24, true, Same(0.9f), true),
         new LightningCase(2, 100, 4, 2, 32, 32, true, Same(0.01f), false),
+        new LightningCase(1, 100, 4, 1, 64, 64, true, Same(0.01f), true),
+        new LightningCase(1, 17, 4, 1, 32, 16, false, Same(1f), false),
         new LightningCase(1, 100, 4, 4, 32, 32, false, Same(1f), true),
         new LightningCase(1, 130, 4, 2, 16, 16, true, [1f, 0.9f, 0.5f, 0.01f], true),
     ];
@@ -179,6 +181,7 @@ public abstract class KernelBackendContract : IDisposable
         // Accumulate adds on top of what is there.
         Backend.FlashBackward(tq, tk, tv, tl, drow, tdo, dq, dk, dv, opt with { Accumulate = true });
         AssertClose(edq.Select(a => 2 * a).ToArray(), dq, "2·dQ (accumulate)");
+        AssertClose(edk.Select(a => 2 * a).ToArray(), dk, "2·dK (accumulate)");
         AssertClose(edv.Select(a => 2 * a).ToArray(), dv, "2·dV (accumulate)");
     }
 
@@ -387,29 +390,108 @@ public abstract class KernelBackendContract : IDisposable
         Assert.ThrowsAny<ArgumentException>(() => src.CopyToHost(new float[4], 28));
     }
 
-    [Fact]
-    public void Validation_NamesTheWrongParameter()
+    /// <summary>
+    /// Bad arguments, one wrong thing each: the name of the scenario, the parameter names a correct message may
+    /// blame, and the call. Shapes: Q [1,8,4,16], K/V [1,8,2,16], states [1,4,16,16].
+    /// </summary>
+    private static readonly Dictionary<string, (string[] Blame, Action<IKernelBackend> Call)> BadCalls = new()
     {
+        ["FlashForward_HeadsNotDivisible"] = (["k"], be => be.FlashForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 3, 16), T(be, 1, 8, 3, 16), T(be, 1, 8, 4, 16), T(be, 1, 4, 8), default)),
+        ["FlashForward_KeyHeadDimDiffers"] = (["q", "k"], be => be.FlashForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 32), T(be, 1, 8, 2, 16), T(be, 1, 8, 4, 16), T(be, 1, 4, 8), default)),
+        ["FlashForward_ValueRowsDiffer"] = (["k", "v"], be => be.FlashForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 7, 2, 16), T(be, 1, 8, 4, 16), T(be, 1, 4, 8), default)),
+        ["FlashForward_WrongOutputShape"] = (["o"], be => be.FlashForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 4, 8), T(be, 1, 4, 8), default)),
+        ["FlashForward_WrongLseShape"] = (["lse"], be => be.FlashForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 4, 16), T(be, 1, 8, 4), default)),
+        ["FlashForward_QueryNot4D"] = (["q"], be => be.FlashForward(T(be, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 4, 16), T(be, 1, 4, 8), default)),
+        ["FlashForward_TensorOfAnotherBackend"] = (["k"], be => be.FlashForward(T(be, 1, 8, 4, 16), new ForeignTensor(1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 4, 16), T(be, 1, 4, 8), default)),
+        ["SoftmaxRowDot_WrongDrowShape"] = (["drow"], be => be.SoftmaxRowDot(T(be, 1, 8, 4, 16), T(be, 1, 8, 4, 16), T(be, 1, 8, 4))),
+        ["SoftmaxRowDot_GradientShapeDiffers"] = (["o", "dO"], be => be.SoftmaxRowDot(T(be, 1, 8, 4, 16), T(be, 1, 8, 4, 8), T(be, 1, 4, 8))),
+        ["FlashBackward_WrongDrowShape"] = (["drow"], be => be.FlashBackward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 4, 8), T(be, 1, 4, 9), T(be, 1, 8, 4, 16), T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), default)),
+        ["FlashBackward_WrongKeyGradientShape"] = (["dK"], be => be.FlashBackward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 4, 8), T(be, 1, 4, 8), T(be, 1, 8, 4, 16), T(be, 1, 8, 4, 16), T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), default)),
+        ["FlashBackward_WrongValueGradientShape"] = (["dV"], be => be.FlashBackward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 4, 8), T(be, 1, 4, 8), T(be, 1, 8, 4, 16), T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 8), default)),
+        ["MergeSoftmax_OtherOutputShapeDiffers"] = (["oA", "oB"], be => be.MergeSoftmax(T(be, 1, 8, 4, 16), T(be, 1, 4, 8), T(be, 1, 8, 4, 8), T(be, 1, 4, 8))),
+        ["MergeSoftmax_OtherLseShapeDiffers"] = (["lseB"], be => be.MergeSoftmax(T(be, 1, 8, 4, 16), T(be, 1, 4, 8), T(be, 1, 8, 4, 16), T(be, 1, 4, 7))),
+        ["LightningForward_DecayCountWrong"] = (["decay"], be => be.LightningForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), [0.5f, 0.5f], true, null, T(be, 1, 8, 4, 16), null)),
+        ["LightningForward_DecayAboveOne"] = (["decay"], be => be.LightningForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), [1f, 1f, 1.5f, 1f], true, null, T(be, 1, 8, 4, 16), null)),
+        ["LightningForward_DecayZero"] = (["decay"], be => be.LightningForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), [1f, 0f, 1f, 1f], true, null, T(be, 1, 8, 4, 16), null)),
+        ["LightningForward_KeyTokensDiffer"] = (["q", "k", "v"], be => be.LightningForward(T(be, 1, 8, 4, 16), T(be, 1, 6, 2, 16), T(be, 1, 6, 2, 16), Same(1f), true, null, T(be, 1, 8, 4, 16), null)),
+        ["LightningForward_WrongS0Shape"] = (["s0"], be => be.LightningForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), Same(1f), true, T(be, 1, 2, 16, 16), T(be, 1, 8, 4, 16), null)),
+        ["LightningForward_WrongSEndShape"] = (["sEnd"], be => be.LightningForward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), Same(1f), true, null, T(be, 1, 8, 4, 16), T(be, 1, 4, 16, 8))),
+        ["LightningBackward_WrongDS0Shape"] = (["dS0"], be => be.LightningBackward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), Same(0.9f), true, null, T(be, 1, 8, 4, 16), null, T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 4, 16, 15))),
+        ["LightningBackward_WrongDSEndShape"] = (["dSEnd"], be => be.LightningBackward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), Same(0.9f), true, null, T(be, 1, 8, 4, 16), T(be, 2, 4, 16, 16), T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), null)),
+        ["LightningBackward_WrongQueryGradientShape"] = (["dQ"], be => be.LightningBackward(T(be, 1, 8, 4, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), Same(0.9f), true, null, T(be, 1, 8, 4, 16), null, T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), null)),
+        ["LightningChunkState_StateHeadsNotAMultiple"] = (["k", "m"], be => be.LightningChunkState(T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), [1f, 1f, 1f], true, T(be, 1, 3, 16, 16))),
+        ["LightningChunkState_DecayCountWrong"] = (["decay"], be => be.LightningChunkState(T(be, 1, 8, 2, 16), T(be, 1, 8, 2, 16), [1f, 1f], true, T(be, 1, 4, 16, 16))),
+        ["LightningChunkStateBackward_WrongStateShape"] = (["dM"], be => be.LightningChunkStateBackward(T(be, 1, 8, 4, 16), T(be, 1, 8, 4, 16), Same(1f), true, T(be, 1, 4, 16, 8))),
+        ["CopySlice_RangePastTheEnd"] = (["srcStart", "dstStart", "count"], be => be.CopySlice(T(be, 2, 5, 3), 4, T(be, 2, 5, 3), 0, 2, 1)),
+        ["CopySlice_AxisOutOfRange"] = (["axis"], be => be.CopySlice(T(be, 2, 5, 3), 0, T(be, 2, 5, 3), 0, 1, 3)),
+        ["CopySlice_OtherDimsDiffer"] = (["source", "destination"], be => be.CopySlice(T(be, 2, 5, 3), 0, T(be, 2, 5, 4), 0, 1, 1)),
+        ["CopyToHost_PastTheEnd"] = (["destination", "offset"], be => T(be, 2, 5, 3).CopyToHost(new float[4], 28)),
+        ["CopyFromHost_NegativeOffset"] = (["source", "offset"], be => T(be, 2, 5, 3).CopyFromHost(new float[4], -1)),
+    };
+
+    public static TheoryData<string> BadCallNames() => [.. BadCalls.Keys];
+
+    [ThreadStatic]
+    private static List<DeviceTensor>? _scenarioTensors;
+
+    private static DeviceTensor T(IKernelBackend backend, params int[] shape)
+    {
+        var t = backend.Allocate(shape);
+        (_scenarioTensors ??= []).Add(t);
+        return t;
+    }
+
+    [Theory]
+    [MemberData(nameof(BadCallNames))]
+    public void Validation_NamesTheWrongParameter(string scenario)
+    {
+        var (blame, call) = BadCalls[scenario];
+        ArgumentException e;
+        try
+        {
+            e = Assert.ThrowsAny<ArgumentException>(() => call(Backend));
+        }
+        finally
+        {
+            foreach (var t in _scenarioTensors ?? []) t.Dispose();
+            _scenarioTensors?.Clear();
+        }
+        Assert.False(string.IsNullOrEmpty(e.ParamName), $"{scenario}: {e.GetType().Name} without ParamName: {e.Message}");
+        Assert.True(blame.Contains(e.ParamName), $"{scenario}: ParamName '{e.ParamName}' should be one of [{string.Join(", ", blame)}]; message: {e.Message}");
+    }
+
+    [Fact]
+    public void Validation_RightShapesPass()
+    {
+        // The same calls as the bad ones, with every shape right, must not throw (so the bad ones fail for their one reason).
         using var q = Backend.Allocate(1, 8, 4, 16);
-        using var k3 = Backend.Allocate(1, 8, 3, 16);
         using var k = Backend.Allocate(1, 8, 2, 16);
         using var v = Backend.Allocate(1, 8, 2, 16);
         using var o = Backend.Allocate(1, 8, 4, 16);
-        using var badO = Backend.Allocate(1, 8, 4, 8);
         using var lse = Backend.Allocate(1, 4, 8);
+        using var drow = Backend.Allocate(1, 4, 8);
         using var s = Backend.Allocate(1, 4, 16, 16);
-        var e1 = Assert.ThrowsAny<ArgumentException>(() => Backend.FlashForward(q, k3, v, o, lse, default));
-        Assert.Contains(e1.ParamName, new[] { "k", "v" });
-        var e2 = Assert.ThrowsAny<ArgumentException>(() => Backend.FlashForward(q, k, v, badO, lse, default));
-        Assert.Equal("o", e2.ParamName);
-        var e3 = Assert.ThrowsAny<ArgumentException>(() => Backend.LightningForward(q, k, v, [0.5f, 0.5f], true, null, o, null));
-        Assert.Equal("decay", e3.ParamName);
-        var e4 = Assert.ThrowsAny<ArgumentException>(() => Backend.LightningForward(q, k, v, [1f, 1f, 1.5f, 1f], true, null, o, null));
-        Assert.Equal("decay", e4.ParamName);
-        var e5 = Assert.ThrowsAny<ArgumentException>(() => Backend.LightningForward(q, k, v, Same(1f), true, badO, o, null));
-        Assert.Equal("s0", e5.ParamName);
-        var e6 = Assert.ThrowsAny<ArgumentException>(() => Backend.MergeSoftmax(o, lse, badO, lse));
-        Assert.Equal("oB", e6.ParamName);
-        Backend.LightningForward(q, k, v, Same(1f), true, s, o, s); // the right shapes pass
+        using var s2 = Backend.Allocate(1, 4, 16, 16);
+        using var s3 = Backend.Allocate(1, 4, 16, 16);
+        using var dq = Backend.Allocate(1, 8, 4, 16);
+        using var dk = Backend.Allocate(1, 8, 2, 16);
+        using var dv = Backend.Allocate(1, 8, 2, 16);
+        Backend.FlashForward(q, k, v, o, lse, default);
+        Backend.SoftmaxRowDot(o, o, drow);
+        Backend.FlashBackward(q, k, v, lse, drow, o, dq, dk, dv, default);
+        Backend.MergeSoftmax(o, lse, dq, drow);
+        Backend.LightningForward(q, k, v, Same(0.9f), true, s, o, s2);
+        Backend.LightningBackward(q, k, v, Same(0.9f), true, s, o, s2, dq, dk, dv, s3);
+        Backend.LightningChunkState(k, v, Same(1f), true, s);
+        Backend.LightningChunkStateBackward(q, o, Same(1f), true, s);
+        Backend.Synchronize();
+    }
+
+    /// <summary>A tensor no backend allocated: operations must refuse it by name.</summary>
+    private sealed class ForeignTensor(params int[] shape) : DeviceTensor(shape)
+    {
+        public override void CopyFromHost(ReadOnlySpan<float> source, long offset = 0) => throw new NotSupportedException();
+
+        public override void CopyToHost(Span<float> destination, long offset = 0) => throw new NotSupportedException();
     }
 }
