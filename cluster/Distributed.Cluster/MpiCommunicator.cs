@@ -15,6 +15,8 @@ public sealed class MpiCommunicator : ICommunicator
     private readonly Dictionary<(int Slot, int Length), float[]> _staging = [];
     private readonly Dictionary<int, Stack<float[]>> _pool = [];
     private long _sequence;
+    private int[]? _counts;
+    private int[]? _equalCounts;
 
     private MpiCommunicator(Intracommunicator comm)
     {
@@ -44,7 +46,23 @@ public sealed class MpiCommunicator : ICommunicator
     public static int RunWorld(Func<ICommunicator, int> body)
     {
         ArgumentNullException.ThrowIfNull(body);
-        MpichLibrary.Install();
+        // Refuse before touching MPI: under the wrong launcher or without MPICH, MPI_Init would crash
+        // natively or start P unconnected singletons, neither of which names the fix.
+        var launch = LaunchEnvironment.Detect();
+        if (launch.Kind == LaunchKind.OpenMpi)
+        {
+            Console.Error.WriteLine($"rank {launch.Rank} failed: Open MPI's mpiexec started this process, but MPI.NET here speaks the MPICH ABI. Launch with MPICH's mpiexec (mpiexec.mpich; apt-get install mpich) or use dsattn launch.");
+            return 1;
+        }
+        try
+        {
+            MpichLibrary.Install();
+        }
+        catch (InvalidOperationException e)
+        {
+            Console.Error.WriteLine($"rank {launch.Rank} failed: {e.Message}");
+            return 1;
+        }
         string[] args = [];
         int code;
         using (new MPI.Environment(ref args))
@@ -84,13 +102,17 @@ public sealed class MpiCommunicator : ICommunicator
     {
         if (counts.Length != Size) throw new ArgumentException($"AllGatherVariable: counts needs one entry per rank ({Size}), got {counts.Length}.", nameof(counts));
         long total = 0;
-        foreach (int c in counts) total += c;
+        foreach (int c in counts)
+        {
+            if (c < 0) throw new ArgumentException("AllGatherVariable: counts must be non-negative.", nameof(counts));
+            total += c;
+        }
         if (counts[Rank] != send.Length) throw new ArgumentException($"AllGatherVariable: counts[{Rank}] = {counts[Rank]} but this rank sends {send.Length} floats.", nameof(send));
         if (receive.Length != total) throw new ArgumentException($"AllGatherVariable: receive must hold Σ counts = {total} floats, got {receive.Length}.", nameof(receive));
         Enter(CommOp.AllGather, send.Length, receive.Length);
         var s = Stage(0, send);
         var r = Buffer(1, receive.Length);
-        _comm.AllgatherFlattened(s, counts.ToArray(), ref r);
+        _comm.AllgatherFlattened(s, Counts(counts), ref r);
         r.AsSpan(0, receive.Length).CopyTo(receive);
     }
 
@@ -114,9 +136,7 @@ public sealed class MpiCommunicator : ICommunicator
         Enter(CommOp.ReduceScatter, send.Length, receive.Length);
         var s = Stage(0, send);
         var r = Buffer(1, receive.Length);
-        var counts = new int[Size];
-        Array.Fill(counts, receive.Length);
-        _comm.ReduceScatter(s, Operation<float>.Add, counts, ref r);
+        _comm.ReduceScatter(s, Operation<float>.Add, EqualCounts(receive.Length), ref r);
         r.AsSpan(0, receive.Length).CopyTo(receive);
     }
 
@@ -213,6 +233,23 @@ public sealed class MpiCommunicator : ICommunicator
         var a = Buffer(slot, data.Length);
         data.CopyTo(a);
         return a;
+    }
+
+    /// <summary>The counts as an array MPI.NET accepts, reused while they repeat (schemes gather the same shards every step).</summary>
+    private int[] Counts(ReadOnlySpan<int> counts)
+    {
+        if (_counts is null || !counts.SequenceEqual(_counts)) _counts = counts.ToArray();
+        return _counts;
+    }
+
+    private int[] EqualCounts(int count)
+    {
+        if (_equalCounts is null || _equalCounts[0] != count)
+        {
+            _equalCounts = new int[Size];
+            Array.Fill(_equalCounts, count);
+        }
+        return _equalCounts;
     }
 
     private float[] Rent(int length)

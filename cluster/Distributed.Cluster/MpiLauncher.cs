@@ -76,10 +76,21 @@ public static class MpiLauncher
     /// <param name="args">Its arguments (passed without a shell).</param>
     /// <param name="timeout">Wall-clock limit.</param>
     /// <param name="echo">When set, each output line is also passed here as it arrives.</param>
-    public static LaunchResult Run(string file, IEnumerable<string> args, TimeSpan timeout, Action<string>? echo = null)
+    /// <param name="environment">Variables to set (a null value removes the variable) on top of this
+    /// process's environment.</param>
+    public static LaunchResult Run(string file, IEnumerable<string> args, TimeSpan timeout, Action<string>? echo = null,
+        IReadOnlyDictionary<string, string?>? environment = null)
     {
+        ArgumentException.ThrowIfNullOrEmpty(file);
+        ArgumentNullException.ThrowIfNull(args);
         var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         foreach (string a in args) psi.ArgumentList.Add(a);
+        if (environment is not null)
+            foreach (var (k, v) in environment)
+            {
+                if (v is null) psi.Environment.Remove(k);
+                else psi.Environment[k] = v;
+            }
         var stdout = new StringBuilder();
         var stderr = new StringBuilder();
         var sw = Stopwatch.StartNew();

@@ -4,9 +4,17 @@ using Distributed.Cluster.TestWorker;
 // The MPI side of the communicator tests, started by the tests as `mpiexec -n P dotnet worker.dll MODE`.
 //   contract    runs every CommunicatorContract check and prints "CHECK <name> <rank> ok|FAIL <why>"
 //   fail <R>    rank R throws while the others wait in a collective (the job must abort, naming R)
+//   hang <tag>  rank 0 never joins the barrier the others wait in (the launcher's timeout must kill all;
+//               the tag only marks the processes so the test can look for survivors)
 string mode = args.Length > 0 ? args[0] : "contract";
 return MpiCommunicator.RunWorld(comm =>
 {
+    if (mode == "hang")
+    {
+        if (comm.Rank == 0) Thread.Sleep(Timeout.Infinite);
+        comm.Barrier();
+        return 0;
+    }
     if (mode == "fail")
     {
         int failing = int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture);

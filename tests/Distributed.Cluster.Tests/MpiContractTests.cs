@@ -15,12 +15,29 @@ public sealed class MpiContractTests(ITestOutputHelper output)
     internal static string Mpiexec => MpiLauncher.FindMpiexec()
         ?? throw new InvalidOperationException("No MPICH mpiexec on PATH. Install MPICH (apt-get install mpich), or run ./test.sh, which does.");
 
-    private LaunchResult Launch(int ranks, TimeSpan timeout, params string[] workerArgs)
+    private LaunchResult Launch(int ranks, TimeSpan timeout, params string[] workerArgs) =>
+        Report(MpiLauncher.Run(Mpiexec, MpiLauncher.BuildArguments(ranks, null, "dotnet", [Worker, .. workerArgs]), timeout), timeout);
+
+    /// <summary>Runs the worker without mpiexec (an MPICH singleton), with extra environment.</summary>
+    private LaunchResult Direct(TimeSpan timeout, Dictionary<string, string?> environment, params string[] workerArgs) =>
+        Report(MpiLauncher.Run("dotnet", [Worker, .. workerArgs], timeout, environment: environment), timeout);
+
+    private LaunchResult Report(LaunchResult r, TimeSpan timeout)
     {
-        var r = MpiLauncher.Run(Mpiexec, MpiLauncher.BuildArguments(ranks, null, "dotnet", [Worker, .. workerArgs]), timeout);
         output.WriteLine($"exit {r.ExitCode} after {r.Elapsed.TotalSeconds:F1} s\n{r.Stdout}\n{r.Stderr}");
-        Assert.False(r.TimedOut, $"mpiexec was killed after {timeout.TotalSeconds} s");
+        Assert.False(r.TimedOut, $"the job was killed after {timeout.TotalSeconds} s");
         return r;
+    }
+
+    private static void AssertContractPassed(LaunchResult r, int ranks)
+    {
+        Assert.Equal(0, r.ExitCode);
+        var lines = r.Stdout.Split('\n', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        foreach (string check in CommunicatorContract.Names)
+            for (int rank = 0; rank < ranks; rank++)
+                Assert.Contains($"CHECK {check} {rank} ok", lines);
+        Assert.DoesNotContain(lines, l => l.Contains("FAIL", StringComparison.Ordinal));
+        for (int rank = 0; rank < ranks; rank++) Assert.Contains(lines, l => l.StartsWith($"DONE {rank} size={ranks}", StringComparison.Ordinal));
     }
 
     [Theory]
@@ -29,13 +46,82 @@ public sealed class MpiContractTests(ITestOutputHelper output)
     public void Contract_HoldsUnderMpiexec(int ranks)
     {
         var r = Launch(ranks, TimeSpan.FromSeconds(120), "contract");
-        Assert.Equal(0, r.ExitCode);
-        var lines = r.Stdout.Split('\n', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
-        foreach (string check in CommunicatorContract.Names)
-            for (int rank = 0; rank < ranks; rank++)
-                Assert.Contains($"CHECK {check} {rank} ok", lines);
-        Assert.DoesNotContain(lines, l => l.Contains("FAIL", StringComparison.Ordinal));
-        for (int rank = 0; rank < ranks; rank++) Assert.Contains(lines, l => l.StartsWith($"DONE {rank} size={ranks}", StringComparison.Ordinal));
+        AssertContractPassed(r, ranks);
+        Assert.Contains("library=libmpich.so.12", r.Stdout, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Contract_HoldsAsSingletonWithoutMpiexec()
+    {
+        AssertContractPassed(Direct(TimeSpan.FromSeconds(120), [], "contract"), 1);
+    }
+
+    [Fact]
+    public void LibraryVariable_NamesTheLibraryToLoad()
+    {
+        // The real file behind the soname, by full path: the worker reports the name it loaded, so seeing
+        // this path (not the default soname) shows the variable was honoured.
+        string? real = new[] { "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib" }
+            .Select(d => new FileInfo(Path.Combine(d, "libmpich.so.12")))
+            .Where(f => f.Exists)
+            .Select(f => f.ResolveLinkTarget(returnFinalTarget: true)?.FullName ?? f.FullName)
+            .FirstOrDefault();
+        Assert.True(real is not null, "libmpich.so.12 not found in the usual library folders; install MPICH (apt-get install mpich).");
+        var timeout = TimeSpan.FromSeconds(120);
+        var r = Report(MpiLauncher.Run(Mpiexec, MpiLauncher.BuildArguments(2, null, "dotnet", [Worker, "contract"]), timeout,
+            environment: new Dictionary<string, string?> { [MpichLibrary.LibraryVariable] = real }), timeout);
+        AssertContractPassed(r, 2);
+        Assert.Contains($"library={real}", r.Stdout, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void LibraryVariable_Unloadable_FailsSayingWhatToDo()
+    {
+        var r = Direct(TimeSpan.FromSeconds(60), new() { [MpichLibrary.LibraryVariable] = "/nonexistent/libmpich.so.12" }, "contract");
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains("rank 0 failed: DSATTN_MPI_LIBRARY=/nonexistent/libmpich.so.12 could not be loaded", r.Stderr, StringComparison.Ordinal);
+        Assert.Contains("MPICH-ABI", r.Stderr, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void OpenMpiLaunch_RefusedWithTheFix()
+    {
+        var r = Direct(TimeSpan.FromSeconds(60), new() { ["OMPI_COMM_WORLD_SIZE"] = "2", ["OMPI_COMM_WORLD_RANK"] = "1" }, "contract");
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains("rank 1 failed: Open MPI's mpiexec started this process", r.Stderr, StringComparison.Ordinal);
+        Assert.Contains("apt-get install mpich", r.Stderr, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Hang_TimeoutKillsTheWholeJob()
+    {
+        string tag = $"hangtag{Guid.NewGuid():N}";
+        var timeout = TimeSpan.FromSeconds(8);
+        var r = MpiLauncher.Run(Mpiexec, MpiLauncher.BuildArguments(2, null, "dotnet", [Worker, "hang", tag]), timeout);
+        output.WriteLine($"exit {r.ExitCode} after {r.Elapsed.TotalSeconds:F1} s\n{r.Stdout}\n{r.Stderr}");
+        Assert.True(r.TimedOut);
+        Assert.True(r.Elapsed < timeout + TimeSpan.FromSeconds(15), $"took {r.Elapsed}");
+        // Every rank and proxy of the job must be gone, not left spinning in the barrier.
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        List<int> survivors;
+        while ((survivors = ProcessesWithArgument(tag)).Count > 0 && DateTime.UtcNow < deadline) Thread.Sleep(200);
+        Assert.Empty(survivors);
+    }
+
+    private static List<int> ProcessesWithArgument(string tag)
+    {
+        var found = new List<int>();
+        foreach (string dir in Directory.EnumerateDirectories("/proc"))
+        {
+            if (!int.TryParse(Path.GetFileName(dir), out int pid)) continue;
+            try
+            {
+                if (File.ReadAllText(Path.Combine(dir, "cmdline")).Contains(tag, StringComparison.Ordinal)) found.Add(pid);
+            }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+        }
+        return found;
     }
 
     [Fact]
