@@ -10,10 +10,11 @@ internal static class LaunchCommand
     {
         var hostfile = new Option<FileInfo?>("--hostfile") { Description = "Hostfile in MPICH (host[:slots]) or Open MPI (host slots=N) form; see hostfile.example. Default: this host only." };
         var ranks = new Option<int>("-n", "--ranks") { Description = "Number of ranks P.", Required = true };
-        var timeout = new Option<int>("--timeout") { Description = "Kill the whole job after this many seconds (0 = no limit).", DefaultValueFactory = _ => 0 };
+        var timeout = new Option<int>("--timeout") { Description = "Kill the whole job (mpiexec, its proxies and every rank) after this many seconds; exit code 124. 0 = no limit.", DefaultValueFactory = _ => 0 };
         var dryRun = new Option<bool>("--dry-run") { Description = "Print the mpiexec command line without running it." };
         var rest = new Argument<string[]>("dsattn-args") { Description = "Arguments for every rank's dsattn, after --, e.g. -- run --attention lightning --scheme lasp2 --seq 65536.", Arity = ArgumentArity.ZeroOrMore };
-        var command = new Command("launch", "Build the mpiexec (MPICH) command line that runs this dsattn on P ranks, print it, and run it.")
+        var command = new Command("launch", "Build the mpiexec (MPICH) command line that runs this dsattn on P ranks, print it, then run it and " +
+            "return its exit code. Example: dsattn launch --hostfile hostfile.example -n 8 -- run --attention lightning --scheme lasp2")
         {
             hostfile, ranks, timeout, dryRun, rest,
         };
@@ -23,6 +24,12 @@ internal static class LaunchCommand
             if (p < 1)
             {
                 Console.Error.WriteLine($"dsattn launch: -n must be at least 1 (got {p}).");
+                return 2;
+            }
+            int seconds = parse.GetValue(timeout);
+            if (seconds < 0)
+            {
+                Console.Error.WriteLine($"dsattn launch: --timeout must be 0 (no limit) or a number of seconds (got {seconds}).");
                 return 2;
             }
             string? hydraFile = null;
@@ -51,9 +58,16 @@ internal static class LaunchCommand
             var args = MpiLauncher.BuildArguments(p, hydraFile, program, [.. prefix, .. parse.GetValue(rest) ?? []]);
             Console.WriteLine(MpiLauncher.Format(mpiexec, args));
             if (parse.GetValue(dryRun)) return 0;
-            int seconds = parse.GetValue(timeout);
-            var result = MpiLauncher.Run(mpiexec, args, seconds > 0 ? TimeSpan.FromSeconds(seconds) : Timeout.InfiniteTimeSpan, Console.WriteLine);
-            if (hydraFile is not null) File.Delete(hydraFile);
+            LaunchResult result;
+            try
+            {
+                result = MpiLauncher.Run(mpiexec, args, seconds > 0 ? TimeSpan.FromSeconds(seconds) : Timeout.InfiniteTimeSpan, Console.WriteLine);
+            }
+            finally
+            {
+                // A dry run keeps the rewritten hostfile so the printed line can be run by hand.
+                if (hydraFile is not null) File.Delete(hydraFile);
+            }
             if (result.TimedOut)
             {
                 Console.Error.WriteLine($"dsattn launch: the job did not finish within {seconds} s and was killed.");
