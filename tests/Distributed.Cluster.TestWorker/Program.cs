@@ -6,7 +6,21 @@ using Distributed.Cluster.TestWorker;
 //   fail <R>    rank R throws while the others wait in a collective (the job must abort, naming R)
 //   hang <tag>  rank 0 never joins the barrier the others wait in (the launcher's timeout must kill all;
 //               the tag only marks the processes so the test can look for survivors)
+//   runner-fail <R>  as fail, through RankRunner (MPI under mpiexec, else 3 in-process ranks)
 string mode = args.Length > 0 ? args[0] : "contract";
+if (mode == "runner-fail")
+{
+    int failing = int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture);
+    return RankRunner.Run(3, comm =>
+    {
+        comm.Barrier();
+        if (comm.Rank == failing) throw new InvalidOperationException($"deliberate failure on rank {failing}");
+        var x = new float[4];
+        comm.AllReduceSum(x, x);
+        Console.WriteLine($"rank {comm.Rank} of {comm.Size} finished");
+        return 0;
+    }, TimeSpan.FromSeconds(60));
+}
 return MpiCommunicator.RunWorld(comm =>
 {
     if (mode == "hang")

@@ -86,6 +86,31 @@ public sealed class InProcessContractTests
     }
 
     [Fact]
+    public void RankRunner_InProcess_ExitCodesAndFailureReport()
+    {
+        var none = new LaunchEnvironment(LaunchKind.None, 0, 1, -1, -1);
+        var err = new StringWriter();
+        Assert.Equal(0, RankRunner.Run(none, 3, _ => 0, TimeSpan.FromSeconds(10), err));
+        // The lowest rank's non-zero code is the job's.
+        Assert.Equal(7, RankRunner.Run(none, 4, c => c.Rank switch { 1 => 0, 2 => 7, 3 => 9, _ => 0 }, TimeSpan.FromSeconds(10), err));
+        Assert.Equal("", err.ToString());
+        Assert.Equal(1, RankRunner.Run(none, 2, c => c.Rank == 1 ? throw new DivideByZeroException("x") : 0, TimeSpan.FromSeconds(10), err));
+        Assert.StartsWith("rank 1 failed: DivideByZeroException: x", err.ToString(), StringComparison.Ordinal);
+        Assert.Equal("inProcessRanks", Assert.Throws<ArgumentOutOfRangeException>(() => RankRunner.Run(none, 0, _ => 0)).ParamName);
+    }
+
+    [Fact]
+    public void RankRunner_OpenMpi_Refused()
+    {
+        var err = new StringWriter();
+        bool ran = false;
+        Assert.Equal(1, RankRunner.Run(new LaunchEnvironment(LaunchKind.OpenMpi, 3, 4, 0, 1), 2, _ => { ran = true; return 0; }, null, err));
+        Assert.False(ran);
+        Assert.Contains("rank 3 failed: Open MPI", err.ToString(), StringComparison.Ordinal);
+        Assert.Contains("apt-get install mpich", err.ToString(), StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void Messages_AreCopies_NotShared()
     {
         InProcessCommunicator.Run(2, comm =>

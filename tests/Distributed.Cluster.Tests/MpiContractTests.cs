@@ -93,6 +93,28 @@ public sealed class MpiContractTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void RankRunner_UnderMpiexec_RankThrows_JobAbortsNamingTheRank()
+    {
+        var r = Launch(2, TimeSpan.FromSeconds(60), "runner-fail", "1");
+        Assert.NotEqual(0, r.ExitCode);
+        Assert.Contains("rank 1 failed: InvalidOperationException: deliberate failure on rank 1", r.Stderr, StringComparison.Ordinal);
+        Assert.True(r.Elapsed < TimeSpan.FromSeconds(30), $"took {r.Elapsed}");
+    }
+
+    [Fact]
+    public void RankRunner_WithoutMpiexec_RunsInProcessRanks()
+    {
+        // Rank 5 does not exist among the 3 in-process ranks, so nobody fails.
+        var r = Direct(TimeSpan.FromSeconds(60), [], "runner-fail", "5");
+        Assert.Equal(0, r.ExitCode);
+        for (int rank = 0; rank < 3; rank++) Assert.Contains($"rank {rank} of 3 finished", r.Stdout, StringComparison.Ordinal);
+        var f = Direct(TimeSpan.FromSeconds(60), [], "runner-fail", "2");
+        Assert.Equal(1, f.ExitCode);
+        Assert.Contains("rank 2 failed: InvalidOperationException: deliberate failure on rank 2", f.Stderr, StringComparison.Ordinal);
+        Assert.True(f.Elapsed < TimeSpan.FromSeconds(30), $"took {f.Elapsed}");
+    }
+
+    [Fact]
     public void Hang_TimeoutKillsTheWholeJob()
     {
         string tag = $"hangtag{Guid.NewGuid():N}";
