@@ -1,3 +1,5 @@
+using System.Numerics;
+
 namespace Distributed.Reference;
 
 /// <summary>
@@ -35,97 +37,91 @@ public static class ReferenceAttention
 
     private static bool Visible(bool causal, long qOffset, long kOffset, int i, int j) => !causal || kOffset + j <= qOffset + i;
 
-    /// <summary>Softmax attention: O and LSE (natural log of Σ exp(scale·q·k)); rows seeing no key get O = 0, LSE = -inf.</summary>
+    // Rows are contiguous spans; int-indexed span loops keep the naive sums fast enough for N ~ 512.
+    private static Span<double> Row(double[] a, long start, int length) => a.AsSpan(checked((int)start), length);
+
+    // Vector<double> lanes only reorder fp64 sums: far below any tolerance a test uses, and still deterministic.
+    private static double Dot(ReadOnlySpan<double> a, ReadOnlySpan<double> b)
+    {
+        if (b.Length < a.Length) throw new ArgumentException("b is shorter than a.", nameof(b));
+        int w = Vector<double>.Count, i = 0;
+        var acc = Vector<double>.Zero;
+        for (; i <= a.Length - w; i += w) acc += new Vector<double>(a.Slice(i)) * new Vector<double>(b.Slice(i));
+        double s = Vector.Sum(acc);
+        for (; i < a.Length; i++) s += a[i] * b[i];
+        return s;
+    }
+
+    /// <summary>y += a·x.</summary>
+    private static void Axpy(double a, ReadOnlySpan<double> x, Span<double> y)
+    {
+        if (y.Length < x.Length) throw new ArgumentException("y is shorter than x.", nameof(y));
+        int w = Vector<double>.Count, i = 0;
+        for (; i <= x.Length - w; i += w) (new Vector<double>(y.Slice(i)) + a * new Vector<double>(x.Slice(i))).CopyTo(y.Slice(i));
+        for (; i < x.Length; i++) y[i] += a * x[i];
+    }
+
+    /// <summary>
+    /// Runs <paramref name="body"/> once per (batch, KV head) in parallel. Each call owns every output element it
+    /// writes (its query heads' rows and its KV head's rows), and sums in a fixed order, so results are deterministic.
+    /// </summary>
+    private static void ForEachKvHead(Dims x, Action<int, int> body) =>
+        Parallel.For(0, x.B * x.Hk, bg => body(bg / x.Hk, bg % x.Hk));
+
+    /// <summary>
+    /// Softmax attention: O [B,Nq,H,Dv] and LSE [B,H,Nq] (natural log of Σ_j exp(scale·q_i·k_j) over visible keys).
+    /// Rows that see no key get O = 0, LSE = -inf.
+    /// </summary>
     public static (double[] O, double[] Lse) FlashForward(double[] q, double[] k, double[] v, Dims x, long qOffset, long kOffset, bool causal, double scale)
     {
         var o = new double[(long)x.B * x.Nq * x.H * x.Dv];
         var lse = new double[(long)x.B * x.H * x.Nq];
-        var s = new double[x.Nk];
-        for (int b = 0; b < x.B; b++)
-            for (int h = 0; h < x.H; h++)
-            {
-                int g = h / x.Group;
+        ForEachKvHead(x, (b, g) =>
+        {
+            var s = new double[x.Nk];
+            for (int h = g * x.Group; h < (g + 1) * x.Group; h++)
                 for (int i = 0; i < x.Nq; i++)
                 {
-                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
+                    var qi = Row(q, x.Q(b, i, h, 0), x.D);
+                    var oi = Row(o, x.O(b, i, h, 0), x.Dv);
                     double max = double.NegativeInfinity;
                     for (int j = 0; j < x.Nk; j++)
                     {
-                        if (!Visible(causal, qOffset, kOffset, i, j)) { s[j] = double.NegativeInfinity; continue; }
-                        long ki = x.K(b, j, g, 0);
-                        double dot = 0;
-                        for (int d = 0; d < x.D; d++) dot += q[qi + d] * k[ki + d];
-                        s[j] = dot * scale;
+                        s[j] = Visible(causal, qOffset, kOffset, i, j) ? scale * Dot(qi, Row(k, x.K(b, j, g, 0), x.D)) : double.NegativeInfinity;
                         max = Math.Max(max, s[j]);
                     }
                     if (double.IsNegativeInfinity(max)) { lse[x.L(b, h, i)] = double.NegativeInfinity; continue; }
                     double sum = 0;
-                    for (int j = 0; j < x.Nk; j++) sum += double.IsNegativeInfinity(s[j]) ? 0 : Math.Exp(s[j] - max);
+                    for (int j = 0; j < x.Nk; j++) sum += Math.Exp(s[j] - max); // exp(-inf) = 0 for masked keys
                     for (int j = 0; j < x.Nk; j++)
-                    {
-                        if (double.IsNegativeInfinity(s[j])) continue;
-                        double p = Math.Exp(s[j] - max) / sum;
-                        long vi = x.V(b, j, g, 0);
-                        for (int e = 0; e < x.Dv; e++) o[oi + e] += p * v[vi + e];
-                    }
+                        if (!double.IsNegativeInfinity(s[j])) Axpy(Math.Exp(s[j] - max) / sum, Row(v, x.V(b, j, g, 0), x.Dv), oi);
                     lse[x.L(b, h, i)] = max + Math.Log(sum);
                 }
-            }
+        });
         return (o, lse);
     }
 
     /// <summary>
-    /// Gradients of Σ O∘dO through full softmax attention over the given keys, from the definition:
-    /// P = softmax(scale·QKᵀ), dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dO∘O)), dQ = scale·dS K, dK = scale·dSᵀ Q, dV = Pᵀ dO.
+    /// Gradients of L = Σ O∘dO through softmax attention over the given keys, from the definition of the softmax
+    /// Jacobian: P = softmax(scale·QKᵀ), dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dO∘O)), dQ = scale·dS K,
+    /// dK = scale·dSᵀ Q, dV = Pᵀ dO (GQA: summed over the query heads of a KV head). Checked by finite differences.
     /// </summary>
     public static (double[] dQ, double[] dK, double[] dV) FlashBackward(double[] q, double[] k, double[] v, double[] dO, Dims x,
         long qOffset, long kOffset, bool causal, double scale)
     {
         var (o, lse) = FlashForward(q, k, v, x, qOffset, kOffset, causal, scale);
-        var dq = new double[q.Length];
-        var dk = new double[k.Length];
-        var dv = new double[v.Length];
+        var drow = new double[lse.Length];
         for (int b = 0; b < x.B; b++)
             for (int h = 0; h < x.H; h++)
-            {
-                int g = h / x.Group;
                 for (int i = 0; i < x.Nq; i++)
-                {
-                    double l = lse[x.L(b, h, i)];
-                    if (double.IsNegativeInfinity(l)) continue;
-                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
-                    double drow = 0;
-                    for (int e = 0; e < x.Dv; e++) drow += dO[oi + e] * o[oi + e];
-                    for (int j = 0; j < x.Nk; j++)
-                    {
-                        if (!Visible(causal, qOffset, kOffset, i, j)) continue;
-                        long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
-                        double dot = 0;
-                        for (int d = 0; d < x.D; d++) dot += q[qi + d] * k[ki + d];
-                        double p = Math.Exp(dot * scale - l);
-                        double dp = 0;
-                        for (int e = 0; e < x.Dv; e++)
-                        {
-                            dp += dO[oi + e] * v[vi + e];
-                            dv[vi + e] += p * dO[oi + e];
-                        }
-                        double ds = p * (dp - drow) * scale;
-                        for (int d = 0; d < x.D; d++)
-                        {
-                            dq[qi + d] += ds * k[ki + d];
-                            dk[ki + d] += ds * q[qi + d];
-                        }
-                    }
-                }
-            }
-        return (dq, dk, dv);
+                    drow[x.L(b, h, i)] = Dot(Row(dO, x.O(b, i, h, 0), x.Dv), Row(o, x.O(b, i, h, 0), x.Dv));
+        return FlashBackwardFromRowStats(q, k, v, lse, drow, dO, x, qOffset, kOffset, causal, scale);
     }
 
     /// <summary>
     /// The softmax backward over one K/V block given the row statistics of the <b>whole</b> attention
     /// (LSE [B,H,Nq] and Drow = rowsum(dO∘O) [B,H,Nq]), as a kernel on a KV shard receives them:
     /// P = exp(scale·q·k − LSE), dS = P∘(dO·v − Drow). Rows with LSE = -inf contribute nothing.
-    /// This is the formula backends implement; <see cref="FlashBackward"/> is the independent check.
     /// </summary>
     public static (double[] dQ, double[] dK, double[] dV) FlashBackwardFromRowStats(double[] q, double[] k, double[] v, double[] lse, double[] drow,
         double[] dO, Dims x, long qOffset, long kOffset, bool causal, double scale)
@@ -133,38 +129,30 @@ public static class ReferenceAttention
         var dq = new double[q.Length];
         var dk = new double[k.Length];
         var dv = new double[v.Length];
-        for (int b = 0; b < x.B; b++)
-            for (int h = 0; h < x.H; h++)
-            {
-                int g = h / x.Group;
+        ForEachKvHead(x, (b, g) =>
+        {
+            for (int h = g * x.Group; h < (g + 1) * x.Group; h++)
                 for (int i = 0; i < x.Nq; i++)
                 {
                     double l = lse[x.L(b, h, i)];
                     if (double.IsNegativeInfinity(l)) continue;
                     double dr = drow[x.L(b, h, i)];
-                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
+                    var qi = Row(q, x.Q(b, i, h, 0), x.D);
+                    var dqi = Row(dq, x.Q(b, i, h, 0), x.D);
+                    var doi = Row(dO, x.O(b, i, h, 0), x.Dv);
                     for (int j = 0; j < x.Nk; j++)
                     {
                         if (!Visible(causal, qOffset, kOffset, i, j)) continue;
-                        long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
-                        double dot = 0;
-                        for (int d = 0; d < x.D; d++) dot += q[qi + d] * k[ki + d];
-                        double p = Math.Exp(dot * scale - l);
-                        double dp = 0;
-                        for (int e = 0; e < x.Dv; e++)
-                        {
-                            dp += dO[oi + e] * v[vi + e];
-                            dv[vi + e] += p * dO[oi + e];
-                        }
-                        double ds = p * (dp - dr) * scale;
-                        for (int d = 0; d < x.D; d++)
-                        {
-                            dq[qi + d] += ds * k[ki + d];
-                            dk[ki + d] += ds * q[qi + d];
-                        }
+                        var kj = Row(k, x.K(b, j, g, 0), x.D);
+                        var vj = Row(v, x.V(b, j, g, 0), x.Dv);
+                        double p = Math.Exp(scale * Dot(qi, kj) - l);
+                        double ds = p * (Dot(doi, vj) - dr) * scale;
+                        Axpy(p, doi, Row(dv, x.V(b, j, g, 0), x.Dv));
+                        Axpy(ds, kj, dqi);
+                        Axpy(ds, qi, Row(dk, x.K(b, j, g, 0), x.D));
                     }
                 }
-            }
+        });
         return (dq, dk, dv);
     }
 
@@ -192,8 +180,8 @@ public static class ReferenceAttention
     }
 
     /// <summary>
-    /// Lightning attention by the direct sum. Causal: o_i = Σ_{j≤i} λ^(i−j)(q_i·k_j)v_j + λ^(i+1) q_i S0,
-    /// S_end = λ^N S0 + Σ_j λ^(N−1−j) k_jᵀ v_j. Non-causal (λ ignored): O = Q(S0 + KᵀV), S_end = S0 + KᵀV.
+    /// Lightning attention. Causal, by the direct sum: o_i = Σ_{j≤i} λ^(i−j)(q_i·k_j)v_j + λ^(i+1) q_i S0,
+    /// S_end = λ^N S0 + Σ_j λ^(N−1−j) k_jᵀ v_j. Non-causal (λ ignored): T = S0 + KᵀV, O = Q T, S_end = T.
     /// Q [B,N,H,D], K [B,N,Hk,D], V [B,N,Hk,Dv] (x.Nq = x.Nk = N), S0 and S_end [B,H,D,Dv]; s0 null means zero.
     /// </summary>
     public static (double[] O, double[] SEnd) LightningForward(double[] q, double[] k, double[] v, double[] decay, bool causal, double[]? s0, Dims x)
@@ -201,49 +189,44 @@ public static class ReferenceAttention
         var o = new double[(long)x.B * x.Nq * x.H * x.Dv];
         var sEnd = new double[(long)x.B * x.H * x.D * x.Dv];
         int n = x.Nq;
-        for (int b = 0; b < x.B; b++)
-            for (int h = 0; h < x.H; h++)
+        ForEachKvHead(x, (b, g) =>
+        {
+            for (int h = g * x.Group; h < (g + 1) * x.Group; h++)
             {
-                int g = h / x.Group;
                 var pw = Powers(causal ? decay[h] : 1.0, n + 1);
-                long sb = x.S(b, h, 0, 0);
-                for (int i = 0; i < n; i++)
-                {
-                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
-                    for (int j = 0; j < n; j++)
-                    {
-                        if (causal && j > i) break;
-                        long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
-                        double dot = 0;
-                        for (int d = 0; d < x.D; d++) dot += q[qi + d] * k[ki + d];
-                        double w = (causal ? pw[i - j] : 1.0) * dot;
-                        for (int e = 0; e < x.Dv; e++) o[oi + e] += w * v[vi + e];
-                    }
-                    if (s0 is null) continue;
-                    for (int d = 0; d < x.D; d++)
-                    {
-                        double qd = pw[i + 1] * q[qi + d];
-                        for (int e = 0; e < x.Dv; e++) o[oi + e] += qd * s0[sb + (long)d * x.Dv + e];
-                    }
-                }
-                if (s0 is not null)
-                    for (int t = 0; t < x.D * x.Dv; t++) sEnd[sb + t] = pw[n] * s0[sb + t];
+                Span<double> StateRow(double[] a, int d) => Row(a, x.S(b, h, d, 0), x.Dv);
+                // S_end (= T when not causal): λ^N S0 + Σ_j λ^(N−1−j) k_jᵀ v_j.
+                for (int d = 0; d < x.D; d++)
+                    if (s0 is not null) Axpy(pw[n], StateRow(s0, d), StateRow(sEnd, d));
                 for (int j = 0; j < n; j++)
                 {
-                    long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
-                    for (int d = 0; d < x.D; d++)
+                    var kj = Row(k, x.K(b, j, g, 0), x.D);
+                    var vj = Row(v, x.V(b, j, g, 0), x.Dv);
+                    for (int d = 0; d < x.D; d++) Axpy(pw[n - 1 - j] * kj[d], vj, StateRow(sEnd, d));
+                }
+                for (int i = 0; i < n; i++)
+                {
+                    var qi = Row(q, x.Q(b, i, h, 0), x.D);
+                    var oi = Row(o, x.O(b, i, h, 0), x.Dv);
+                    if (!causal)
                     {
-                        double kd = pw[n - 1 - j] * k[ki + d];
-                        for (int e = 0; e < x.Dv; e++) sEnd[sb + (long)d * x.Dv + e] += kd * v[vi + e];
+                        for (int d = 0; d < x.D; d++) Axpy(qi[d], StateRow(sEnd, d), oi);
+                        continue;
                     }
+                    for (int j = 0; j <= i; j++)
+                        Axpy(pw[i - j] * Dot(qi, Row(k, x.K(b, j, g, 0), x.D)), Row(v, x.V(b, j, g, 0), x.Dv), oi);
+                    if (s0 is not null)
+                        for (int d = 0; d < x.D; d++) Axpy(pw[i + 1] * qi[d], StateRow(s0, d), oi);
                 }
             }
+        });
         return (o, sEnd);
     }
 
     /// <summary>
     /// Gradients of L = Σ O∘dO + Σ S_end∘dS_end through <see cref="LightningForward"/>, term by term from its
     /// formulas (dSEnd null means zero). dS0 [B,H,D,Dv] is returned even when s0 is null (the gradient at S0 = 0).
+    /// Checked by finite differences.
     /// </summary>
     public static (double[] dQ, double[] dK, double[] dV, double[] dS0) LightningBackward(double[] q, double[] k, double[] v, double[] decay, bool causal,
         double[]? s0, double[] dO, double[]? dSEnd, Dims x)
@@ -253,68 +236,84 @@ public static class ReferenceAttention
         var dv = new double[v.Length];
         var ds0 = new double[(long)x.B * x.H * x.D * x.Dv];
         int n = x.Nq;
-        for (int b = 0; b < x.B; b++)
-            for (int h = 0; h < x.H; h++)
+        var t = causal ? null : LightningForward(q, k, v, decay, false, s0, x).SEnd;
+        ForEachKvHead(x, (b, g) =>
+        {
+            for (int h = g * x.Group; h < (g + 1) * x.Group; h++)
             {
-                int g = h / x.Group;
                 var pw = Powers(causal ? decay[h] : 1.0, n + 1);
-                long sb = x.S(b, h, 0, 0);
-                // o_i += w_ij (q_i·k_j) v_j
-                for (int i = 0; i < n; i++)
+                Span<double> StateRow(double[] a, int d) => Row(a, x.S(b, h, d, 0), x.Dv);
+                if (t is not null)
                 {
-                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
-                    for (int j = 0; j < n; j++)
+                    // T = S0 + KᵀV, O = Q T, S_end = T: the gradient at T is G = QᵀdO + dS_end, and it flows
+                    // to S0 as is, to K as V Gᵀ and to V as K G; dQ = dO Tᵀ.
+                    var gT = ds0; // G is built in place: it is dS0.
+                    for (int d = 0; d < x.D; d++)
+                        if (dSEnd is not null) Axpy(1, StateRow(dSEnd, d), StateRow(gT, d));
+                    for (int i = 0; i < n; i++)
                     {
-                        if (causal && j > i) break;
-                        long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
-                        double w = causal ? pw[i - j] : 1.0;
-                        double qk = 0, gv = 0;
-                        for (int d = 0; d < x.D; d++) qk += q[qi + d] * k[ki + d];
-                        for (int e = 0; e < x.Dv; e++) gv += dO[oi + e] * v[vi + e];
+                        var qi = Row(q, x.Q(b, i, h, 0), x.D);
+                        var doi = Row(dO, x.O(b, i, h, 0), x.Dv);
+                        var dqi = Row(dq, x.Q(b, i, h, 0), x.D);
                         for (int d = 0; d < x.D; d++)
                         {
-                            dq[qi + d] += w * gv * k[ki + d];
-                            dk[ki + d] += w * gv * q[qi + d];
+                            Axpy(qi[d], doi, StateRow(gT, d));
+                            dqi[d] += Dot(StateRow(t, d), doi);
                         }
-                        for (int e = 0; e < x.Dv; e++) dv[vi + e] += w * qk * dO[oi + e];
                     }
+                    for (int j = 0; j < n; j++)
+                    {
+                        var kj = Row(k, x.K(b, j, g, 0), x.D);
+                        var vj = Row(v, x.V(b, j, g, 0), x.Dv);
+                        var dkj = Row(dk, x.K(b, j, g, 0), x.D);
+                        var dvj = Row(dv, x.V(b, j, g, 0), x.Dv);
+                        for (int d = 0; d < x.D; d++)
+                        {
+                            dkj[d] += Dot(StateRow(gT, d), vj);
+                            Axpy(kj[d], StateRow(gT, d), dvj);
+                        }
+                    }
+                    continue;
                 }
-                // o_i += λ^(i+1) q_i S0
+                // o_i += λ^(i−j) (q_i·k_j) v_j for j ≤ i
                 for (int i = 0; i < n; i++)
                 {
-                    long qi = x.Q(b, i, h, 0), oi = x.O(b, i, h, 0);
+                    var qi = Row(q, x.Q(b, i, h, 0), x.D);
+                    var doi = Row(dO, x.O(b, i, h, 0), x.Dv);
+                    var dqi = Row(dq, x.Q(b, i, h, 0), x.D);
+                    for (int j = 0; j <= i; j++)
+                    {
+                        var kj = Row(k, x.K(b, j, g, 0), x.D);
+                        var vj = Row(v, x.V(b, j, g, 0), x.Dv);
+                        double w = pw[i - j], gv = Dot(doi, vj);
+                        Axpy(w * gv, kj, dqi);
+                        Axpy(w * gv, qi, Row(dk, x.K(b, j, g, 0), x.D));
+                        Axpy(w * Dot(qi, kj), doi, Row(dv, x.V(b, j, g, 0), x.Dv));
+                    }
+                    // o_i += λ^(i+1) q_i S0
                     for (int d = 0; d < x.D; d++)
                     {
-                        long sd = sb + (long)d * x.Dv;
-                        double acc = 0;
-                        for (int e = 0; e < x.Dv; e++)
-                        {
-                            if (s0 is not null) acc += s0[sd + e] * dO[oi + e];
-                            ds0[sd + e] += pw[i + 1] * q[qi + d] * dO[oi + e];
-                        }
-                        dq[qi + d] += pw[i + 1] * acc;
+                        if (s0 is not null) dqi[d] += pw[i + 1] * Dot(StateRow(s0, d), doi);
+                        Axpy(pw[i + 1] * qi[d], doi, StateRow(ds0, d));
                     }
                 }
                 if (dSEnd is null) continue;
                 // S_end = λ^N S0 + Σ_j λ^(N−1−j) k_jᵀ v_j
                 for (int j = 0; j < n; j++)
                 {
-                    long ki = x.K(b, j, g, 0), vi = x.V(b, j, g, 0);
-                    double w = pw[n - 1 - j];
+                    var kj = Row(k, x.K(b, j, g, 0), x.D);
+                    var vj = Row(v, x.V(b, j, g, 0), x.Dv);
+                    var dkj = Row(dk, x.K(b, j, g, 0), x.D);
+                    var dvj = Row(dv, x.V(b, j, g, 0), x.Dv);
                     for (int d = 0; d < x.D; d++)
                     {
-                        long sd = sb + (long)d * x.Dv;
-                        double acc = 0;
-                        for (int e = 0; e < x.Dv; e++)
-                        {
-                            acc += dSEnd[sd + e] * v[vi + e];
-                            dv[vi + e] += w * dSEnd[sd + e] * k[ki + d];
-                        }
-                        dk[ki + d] += w * acc;
+                        dkj[d] += pw[n - 1 - j] * Dot(StateRow(dSEnd, d), vj);
+                        Axpy(pw[n - 1 - j] * kj[d], StateRow(dSEnd, d), dvj);
                     }
                 }
-                for (int t = 0; t < x.D * x.Dv; t++) ds0[sb + t] += pw[n] * dSEnd[sb + t];
+                for (int d = 0; d < x.D; d++) Axpy(pw[n], StateRow(dSEnd, d), StateRow(ds0, d));
             }
+        });
         return (dq, dk, dv, ds0);
     }
 
