@@ -106,6 +106,19 @@ public abstract class KernelBackendContract : IDisposable
         return t;
     }
 
+    /// <summary>
+    /// An output tensor filled with a stale value, so an operation that adds to its output instead of overwriting
+    /// it (or skips masked rows) fails; freshly allocated tensors are zero and would hide that.
+    /// </summary>
+    protected DeviceTensor Stale(params int[] shape)
+    {
+        var t = Backend.Allocate(shape);
+        var fill = new float[t.Length];
+        Array.Fill(fill, 7.25f);
+        t.CopyFromHost(fill);
+        return t;
+    }
+
     protected static float[] Download(DeviceTensor t)
     {
         var a = new float[t.Length];
@@ -144,8 +157,8 @@ public abstract class KernelBackendContract : IDisposable
         using var tq = Upload(q, x.B, x.Nq, x.H, x.D);
         using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
         using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
-        using var to = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
-        using var tl = Backend.Allocate(x.B, x.H, x.Nq);
+        using var to = Stale(x.B, x.Nq, x.H, x.Dv);
+        using var tl = Stale(x.B, x.H, x.Nq);
         Backend.FlashForward(tq, tk, tv, to, tl, new FlashOptions(c.QOffset, c.KOffset, c.Causal, c.Scale));
         AssertClose(eo, to, "O");
         AssertClose(expectedLse, tl, "LSE");
@@ -165,12 +178,12 @@ public abstract class KernelBackendContract : IDisposable
         using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
         using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
         using var tdo = Upload(dO, x.B, x.Nq, x.H, x.Dv);
-        using var to = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
-        using var tl = Backend.Allocate(x.B, x.H, x.Nq);
-        using var drow = Backend.Allocate(x.B, x.H, x.Nq);
-        using var dq = Backend.Allocate(x.B, x.Nq, x.H, x.D);
-        using var dk = Backend.Allocate(x.B, x.Nk, x.Hk, x.D);
-        using var dv = Backend.Allocate(x.B, x.Nk, x.Hk, x.Dv);
+        using var to = Stale(x.B, x.Nq, x.H, x.Dv);
+        using var tl = Stale(x.B, x.H, x.Nq);
+        using var drow = Stale(x.B, x.H, x.Nq);
+        using var dq = Stale(x.B, x.Nq, x.H, x.D);
+        using var dk = Stale(x.B, x.Nk, x.Hk, x.D);
+        using var dv = Stale(x.B, x.Nk, x.Hk, x.Dv);
         var opt = new FlashOptions(c.QOffset, c.KOffset, c.Causal, c.Scale);
         Backend.FlashForward(tq, tk, tv, to, tl, opt);
         Backend.SoftmaxRowDot(to, tdo, drow);
@@ -210,11 +223,11 @@ public abstract class KernelBackendContract : IDisposable
         using var v1 = Upload(v[..(40 * 64)], 1, 40, 2, 32);
         using var k2 = Upload(k[(40 * 64)..], 1, 50, 2, 32);
         using var v2 = Upload(v[(40 * 64)..], 1, 50, 2, 32);
-        using var dq = Backend.Allocate(1, 50, 4, 32);
+        using var dq = Stale(1, 50, 4, 32);
         using var dk1 = Backend.Allocate(1, 40, 2, 32);
         using var dv1 = Backend.Allocate(1, 40, 2, 32);
-        using var dk2 = Backend.Allocate(1, 50, 2, 32);
-        using var dv2 = Backend.Allocate(1, 50, 2, 32);
+        using var dk2 = Stale(1, 50, 2, 32);
+        using var dv2 = Stale(1, 50, 2, 32);
         Backend.FlashBackward(tq, k2, v2, lse, drow, tdo, dq, dk2, dv2, new FlashOptions(qOff, 40, true));
         Backend.FlashBackward(tq, k1, v1, lse, drow, tdo, dq, dk1, dv1, new FlashOptions(qOff, 0, true, Accumulate: true));
         AssertClose(edq, dq, "dQ over both shards");
@@ -229,8 +242,8 @@ public abstract class KernelBackendContract : IDisposable
         using var q = Upload(ReferenceAttention.Random(10L * 4 * 16, 31), 1, 10, 4, 16);
         using var k = Upload(ReferenceAttention.Random(70L * 4 * 16, 32), 1, 70, 4, 16);
         using var v = Upload(ReferenceAttention.Random(70L * 4 * 16, 33), 1, 70, 4, 16);
-        using var o = Backend.Allocate(1, 10, 4, 16);
-        using var lse = Backend.Allocate(1, 4, 10);
+        using var o = Stale(1, 10, 4, 16);
+        using var lse = Stale(1, 4, 10);
         Backend.FlashForward(q, k, v, o, lse, new FlashOptions(0, 1000, true)); // every key is in the future
         Assert.All(Download(o), f => Assert.Equal(0f, f));
         Assert.All(Download(lse), f => Assert.True(float.IsNegativeInfinity(f)));
@@ -308,18 +321,18 @@ public abstract class KernelBackendContract : IDisposable
         using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
         using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
         using var ts0 = s0 is null ? null : Upload(s0, x.B, x.H, x.D, x.Dv);
-        using var to = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
-        using var tse = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        using var to = Stale(x.B, x.Nq, x.H, x.Dv);
+        using var tse = Stale(x.B, x.H, x.D, x.Dv);
         Backend.LightningForward(tq, tk, tv, c.Decay, c.Causal, ts0, to, tse);
         AssertClose(eo, to, "O");
         AssertClose(es, tse, "S_end");
         // Without an outgoing state the output is the same.
-        using var to2 = Backend.Allocate(x.B, x.Nq, x.H, x.Dv);
+        using var to2 = Stale(x.B, x.Nq, x.H, x.Dv);
         Backend.LightningForward(tq, tk, tv, c.Decay, c.Causal, ts0, to2, null);
         AssertClose(eo, to2, "O (no S_end)");
         // The chunk state is S_end without S0.
         var em = ReferenceAttention.ChunkState(k, v, decay, c.Causal, x);
-        using var tm = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        using var tm = Stale(x.B, x.H, x.D, x.Dv);
         Backend.LightningChunkState(tk, tv, c.Decay, c.Causal, tm);
         AssertClose(em, tm, "chunk state M");
     }
@@ -338,10 +351,10 @@ public abstract class KernelBackendContract : IDisposable
         using var ts0 = s0 is null ? null : Upload(s0, x.B, x.H, x.D, x.Dv);
         using var tdo = Upload(dO, x.B, x.Nq, x.H, x.Dv);
         using var tdse = Upload(dSEnd, x.B, x.H, x.D, x.Dv);
-        using var dq = Backend.Allocate(x.B, x.Nq, x.H, x.D);
-        using var dk = Backend.Allocate(x.B, x.Nk, x.Hk, x.D);
-        using var dv = Backend.Allocate(x.B, x.Nk, x.Hk, x.Dv);
-        using var ds0 = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        using var dq = Stale(x.B, x.Nq, x.H, x.D);
+        using var dk = Stale(x.B, x.Nk, x.Hk, x.D);
+        using var dv = Stale(x.B, x.Nk, x.Hk, x.Dv);
+        using var ds0 = Stale(x.B, x.H, x.D, x.Dv);
         Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, tdse, dq, dk, dv, ds0);
         AssertClose(edq, dq, "dQ");
         AssertClose(edk, dk, "dK");
@@ -354,7 +367,7 @@ public abstract class KernelBackendContract : IDisposable
         AssertClose(edk2, dk, "dK (no dS_end)");
         // The chunk-state mirror.
         var edm = ReferenceAttention.ChunkStateBackward(q, dO, decay, c.Causal, x);
-        using var dm = Backend.Allocate(x.B, x.H, x.D, x.Dv);
+        using var dm = Stale(x.B, x.H, x.D, x.Dv);
         Backend.LightningChunkStateBackward(tq, tdo, c.Decay, c.Causal, dm);
         AssertClose(edm, dm, "chunk state dM");
     }
