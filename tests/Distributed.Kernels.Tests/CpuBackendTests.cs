@@ -46,17 +46,17 @@ public sealed class CpuBackendTests : KernelBackendContract
     }
 }
 
-/// <summary>The same contract with AVX-512 switched off: the scalar fallback must be right too.</summary>
+/// <summary>The same contract with AVX-512 and AVX2 switched off: the scalar fallback must be right too.</summary>
 [Collection(nameof(ScalarPathCollection))]
 public sealed class CpuScalarPathTests : KernelBackendContract
 {
-    private readonly bool _was = CpuMath.UseVector512;
+    private readonly (bool V512, bool V256) _was = (CpuMath.UseVector512, CpuMath.UseVector256);
 
-    public CpuScalarPathTests() => CpuMath.UseVector512 = false;
+    public CpuScalarPathTests() => (CpuMath.UseVector512, CpuMath.UseVector256) = (false, false);
 
     protected override IKernelBackend CreateBackend() => new CpuBackend(2);
 
-    protected override void OnDispose() => CpuMath.UseVector512 = _was;
+    protected override void OnDispose() => (CpuMath.UseVector512, CpuMath.UseVector256) = _was;
 }
 
 /// <summary>The scalar-path suite flips a process-wide switch, so nothing runs beside it.</summary>

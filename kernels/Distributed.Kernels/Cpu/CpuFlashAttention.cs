@@ -118,6 +118,23 @@ internal static unsafe class CpuFlashAttention
             }
             sum = Vector512.Sum(sv);
         }
+        else if (CpuMath.UseVector256)
+        {
+            var mv = Vector256.Create(mNew);
+            var sv = Vector256<float>.Zero;
+            for (int j = 0; j < T; j += 8)
+            {
+                var p = CpuMath.Exp2(Vector256.Load(s + j) - mv);
+                if (j + 8 > valid)
+                {
+                    var idx = Vector256.Create(0, 1, 2, 3, 4, 5, 6, 7) + Vector256.Create(j);
+                    p = Vector256.ConditionalSelect(Vector256.LessThan(idx, Vector256.Create(valid)).AsSingle(), p, Vector256<float>.Zero);
+                }
+                p.Store(s + j);
+                sv += p;
+            }
+            sum = Vector256.Sum(sv);
+        }
         else
         {
             for (int j = 0; j < T; j++)
@@ -230,6 +247,17 @@ internal static unsafe class CpuFlashAttention
                     var p = CpuMath.Exp2(Vector512.Load(sr + j) - lv);
                     p.Store(sr + j);
                     (p * (Vector512.Load(dr_ + j) - dv)).Store(dr_ + j);
+                }
+            }
+            else if (CpuMath.UseVector256)
+            {
+                var lv = Vector256.Create(lse2);
+                var dv = Vector256.Create(dr);
+                for (; j + 8 <= valid; j += 8)
+                {
+                    var p = CpuMath.Exp2(Vector256.Load(sr + j) - lv);
+                    p.Store(sr + j);
+                    (p * (Vector256.Load(dr_ + j) - dv)).Store(dr_ + j);
                 }
             }
             for (; j < valid; j++)

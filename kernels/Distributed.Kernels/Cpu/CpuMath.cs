@@ -5,16 +5,22 @@ namespace Distributed.Kernels.Cpu;
 
 /// <summary>
 /// The two primitives every CPU kernel is built from: a register-blocked small GEMM and a vectorised
-/// base-2 exponential. AVX-512 (<see cref="Vector512"/>) when the hardware has it; otherwise a plain
-/// scalar path that computes the same thing (slower, never wrong).
+/// base-2 exponential. AVX-512 (<see cref="Vector512"/>) when the hardware has it, else AVX2
+/// (<see cref="Vector256"/>), else a plain scalar path that computes the same thing (slower, never wrong).
 /// </summary>
 internal static unsafe class CpuMath
 {
     /// <summary>Floats per vector of the fast path.</summary>
     public const int Lanes = 16;
 
-    /// <summary>Whether the AVX-512 path runs. Tests may turn it off to exercise the scalar path.</summary>
+    /// <summary>Whether the AVX-512 path runs. Tests may turn it off to exercise the other paths.</summary>
     public static bool UseVector512 { get; set; } = Vector512.IsHardwareAccelerated;
+
+    /// <summary>Whether the AVX2 path runs when AVX-512 does not. Tests may turn it off.</summary>
+    public static bool UseVector256 { get; set; } = Vector256.IsHardwareAccelerated;
+
+    /// <summary>Which path runs now: "avx512", "avx2" or "scalar".</summary>
+    public static string PathName => UseVector512 ? "avx512" : UseVector256 ? "avx2" : "scalar";
 
     /// <summary>Rounds up to a multiple of <see cref="Lanes"/>.</summary>
     public static int Pad(int n) => (n + Lanes - 1) / Lanes * Lanes;
@@ -29,7 +35,8 @@ internal static unsafe class CpuMath
         if (M <= 0 || N <= 0) return;
         if (!UseVector512)
         {
-            GemmScalar(M, N, K, a, aStrideK, aStrideM, b, ldb, c, ldc, accumulate);
+            if (UseVector256) Gemm256(M, N, K, a, aStrideK, aStrideM, b, ldb, c, ldc, accumulate);
+            else GemmScalar(M, N, K, a, aStrideK, aStrideM, b, ldb, c, ldc, accumulate);
             return;
         }
         int m = 0;
@@ -130,6 +137,63 @@ internal static unsafe class CpuMath
         v.Store(c);
     }
 
+    /// <summary>AVX2: 4 rows × 16 columns per block (8 accumulators of 16 ymm registers).</summary>
+    private static void Gemm256(int M, int N, int K, float* a, int sk, int sm, float* b, int ldb, float* c, int ldc, bool acc)
+    {
+        int m = 0;
+        for (; m + 4 <= M; m += 4)
+            for (int n = 0; n < N; n += 16) Block256x4(K, a + m * sm, sk, sm, b + n, ldb, c + m * ldc + n, ldc, acc);
+        for (; m < M; m++)
+            for (int n = 0; n < N; n += 16) Block256x1(K, a + m * sm, sk, b + n, ldb, c + m * ldc + n, acc);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Block256x4(int K, float* a, int sk, int sm, float* b, int ldb, float* c, int ldc, bool acc)
+    {
+        Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default;
+        Vector256<float> c20 = default, c21 = default, c30 = default, c31 = default;
+        float* a0 = a, a1 = a + sm, a2 = a + 2 * sm, a3 = a + 3 * sm;
+        for (int k = 0; k < K; k++)
+        {
+            float* bk = b + (long)k * ldb;
+            var b0 = Vector256.Load(bk);
+            var b1 = Vector256.Load(bk + 8);
+            long ko = (long)k * sk;
+            var x = Vector256.Create(a0[ko]);
+            c00 = Vector256.FusedMultiplyAdd(x, b0, c00); c01 = Vector256.FusedMultiplyAdd(x, b1, c01);
+            x = Vector256.Create(a1[ko]);
+            c10 = Vector256.FusedMultiplyAdd(x, b0, c10); c11 = Vector256.FusedMultiplyAdd(x, b1, c11);
+            x = Vector256.Create(a2[ko]);
+            c20 = Vector256.FusedMultiplyAdd(x, b0, c20); c21 = Vector256.FusedMultiplyAdd(x, b1, c21);
+            x = Vector256.Create(a3[ko]);
+            c30 = Vector256.FusedMultiplyAdd(x, b0, c30); c31 = Vector256.FusedMultiplyAdd(x, b1, c31);
+        }
+        Store(c, c00, acc); Store(c + 8, c01, acc); c += ldc;
+        Store(c, c10, acc); Store(c + 8, c11, acc); c += ldc;
+        Store(c, c20, acc); Store(c + 8, c21, acc); c += ldc;
+        Store(c, c30, acc); Store(c + 8, c31, acc);
+    }
+
+    private static void Block256x1(int K, float* a, int sk, float* b, int ldb, float* c, bool acc)
+    {
+        Vector256<float> c0 = default, c1 = default;
+        for (int k = 0; k < K; k++)
+        {
+            float* bk = b + (long)k * ldb;
+            var x = Vector256.Create(a[(long)k * sk]);
+            c0 = Vector256.FusedMultiplyAdd(x, Vector256.Load(bk), c0);
+            c1 = Vector256.FusedMultiplyAdd(x, Vector256.Load(bk + 8), c1);
+        }
+        Store(c, c0, acc); Store(c + 8, c1, acc);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Store(float* c, Vector256<float> v, bool acc)
+    {
+        if (acc) v += Vector256.Load(c);
+        v.Store(c);
+    }
+
     private static void GemmScalar(int M, int N, int K, float* a, int sk, int sm, float* b, int ldb, float* c, int ldc, bool acc)
     {
         for (int m = 0; m < M; m++)
@@ -167,6 +231,26 @@ internal static unsafe class CpuMath
         return Vector512.ConditionalSelect(underflow.AsInt32(), Vector512<int>.Zero, r.AsInt32()).AsSingle();
     }
 
+    /// <summary>2^x for 8 lanes (AVX2); same polynomial and zero below -126 as the 16-lane version.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Exp2(Vector256<float> x)
+    {
+        var underflow = Vector256.LessThan(x, Vector256.Create(-126f));
+        x = Vector256.Min(Vector256.Max(x, Vector256.Create(-126f)), Vector256.Create(127f));
+        var n = Vector256.Round(x);
+        var f = x - n;
+        var p = Vector256.Create(1.5403530393381606e-4f);
+        p = Vector256.FusedMultiplyAdd(p, f, Vector256.Create(1.3333558146428443e-3f));
+        p = Vector256.FusedMultiplyAdd(p, f, Vector256.Create(9.6181291076284772e-3f));
+        p = Vector256.FusedMultiplyAdd(p, f, Vector256.Create(5.5504108664821580e-2f));
+        p = Vector256.FusedMultiplyAdd(p, f, Vector256.Create(0.24022650695910071f));
+        p = Vector256.FusedMultiplyAdd(p, f, Vector256.Create(0.69314718055994531f));
+        p = Vector256.FusedMultiplyAdd(p, f, Vector256<float>.One);
+        var bits = (Vector256.ConvertToInt32(n) + Vector256.Create(127)) << 23;
+        var r = p * bits.AsSingle();
+        return Vector256.ConditionalSelect(underflow.AsInt32(), Vector256<int>.Zero, r.AsInt32()).AsSingle();
+    }
+
     /// <summary>Scalar 2^x with the same zero below -126.</summary>
     public static float Exp2(float x) => x < -126f ? 0f : MathF.Pow(2f, x);
 
@@ -178,6 +262,11 @@ internal static unsafe class CpuMath
         {
             var v = Vector512.Create(s);
             for (; i + 16 <= n; i += 16) (Vector512.Load(y + i) * v).Store(y + i);
+        }
+        else if (UseVector256)
+        {
+            var v = Vector256.Create(s);
+            for (; i + 8 <= n; i += 8) (Vector256.Load(y + i) * v).Store(y + i);
         }
         for (; i < n; i++) y[i] *= s;
     }
