@@ -372,6 +372,61 @@ public abstract class KernelBackendContract : IDisposable
         AssertClose(edm, dm, "chunk state dM");
     }
 
+    [Fact]
+    public void Lightning_SecondChunkContinuesTheFirst_EqualsOneRunOverBoth()
+    {
+        // How LASP-2 chains chunks: forward S0(chunk 2) = S_end(chunk 1); backward dS_end(chunk 1) = dS0(chunk 2).
+        const int n1 = 17, n2 = 20, n = n1 + n2, h = 4, hk = 2, d = 16, dv = 24;
+        float[] decay = [0.9f, 0.01f, 1f, 0.5f];
+        var lam = decay.Select(f => (double)f).ToArray();
+        var q = ReferenceAttention.Random(n * h * d, 71);
+        var k = ReferenceAttention.Random(n * hk * d, 72, 0.25);
+        var v = ReferenceAttention.Random(n * hk * dv, 73);
+        var dO = ReferenceAttention.Random(n * h * dv, 74);
+        var s0 = ReferenceAttention.Random(h * d * dv, 75, 0.5);
+        var all = new Dims(1, n, n, h, hk, d, dv);
+        var (eo, es) = ReferenceAttention.LightningForward(q, k, v, lam, true, s0, all);
+        var (edq, edk, edv, eds0) = ReferenceAttention.LightningBackward(q, k, v, lam, true, s0, dO, null, all);
+        double[] Part(double[] a, int width, int chunk) => chunk == 0 ? a[..(n1 * width)] : a[(n1 * width)..];
+        DeviceTensor Up(double[] a, int width, int chunk, int heads, int dim) => Upload(Part(a, width, chunk), 1, chunk == 0 ? n1 : n2, heads, dim);
+        using var q1 = Up(q, h * d, 0, h, d);
+        using var q2 = Up(q, h * d, 1, h, d);
+        using var k1 = Up(k, hk * d, 0, hk, d);
+        using var k2 = Up(k, hk * d, 1, hk, d);
+        using var v1 = Up(v, hk * dv, 0, hk, dv);
+        using var v2 = Up(v, hk * dv, 1, hk, dv);
+        using var do1 = Up(dO, h * dv, 0, h, dv);
+        using var do2 = Up(dO, h * dv, 1, h, dv);
+        using var ts0 = Upload(s0, 1, h, d, dv);
+        using var o1 = Stale(1, n1, h, dv);
+        using var o2 = Stale(1, n2, h, dv);
+        using var mid = Stale(1, h, d, dv);
+        using var end = Stale(1, h, d, dv);
+        Backend.LightningForward(q1, k1, v1, decay, true, ts0, o1, mid);
+        Backend.LightningForward(q2, k2, v2, decay, true, mid, o2, end);
+        AssertClose(Part(eo, h * dv, 0), o1, "O chunk 1");
+        AssertClose(Part(eo, h * dv, 1), o2, "O chunk 2");
+        AssertClose(es, end, "S_end after both");
+
+        using var dq1 = Stale(1, n1, h, d);
+        using var dq2 = Stale(1, n2, h, d);
+        using var dk1 = Stale(1, n1, hk, d);
+        using var dk2 = Stale(1, n2, hk, d);
+        using var dv1 = Stale(1, n1, hk, dv);
+        using var dv2 = Stale(1, n2, hk, dv);
+        using var dMid = Stale(1, h, d, dv);
+        using var dS0 = Stale(1, h, d, dv);
+        Backend.LightningBackward(q2, k2, v2, decay, true, mid, do2, null, dq2, dk2, dv2, dMid);
+        Backend.LightningBackward(q1, k1, v1, decay, true, ts0, do1, dMid, dq1, dk1, dv1, dS0);
+        AssertClose(Part(edq, h * d, 0), dq1, "dQ chunk 1");
+        AssertClose(Part(edq, h * d, 1), dq2, "dQ chunk 2");
+        AssertClose(Part(edk, hk * d, 0), dk1, "dK chunk 1");
+        AssertClose(Part(edk, hk * d, 1), dk2, "dK chunk 2");
+        AssertClose(Part(edv, hk * dv, 0), dv1, "dV chunk 1");
+        AssertClose(Part(edv, hk * dv, 1), dv2, "dV chunk 2");
+        AssertClose(eds0, dS0, "dS0");
+    }
+
     // ----- tensors and validation -------------------------------------------------------------------
 
     [Fact]
