@@ -208,10 +208,13 @@ public sealed class InProcessCommunicator : ICommunicator
     /// <inheritdoc/>
     public ICommunicator Split(int color, int key)
     {
-        var all = Exchange(nameof(Split), CommOp.Split, [color, key], 0);
+        if (color < 0) throw new ArgumentOutOfRangeException(nameof(color), color, "Split: color must be ≥ 0 (MPI reserves negative colors).");
+        // The ints travel as their bit patterns: a float holds only 24 bits exactly, and colors or keys
+        // beyond 2^24 must not merge.
+        var all = Exchange(nameof(Split), CommOp.Split, [BitConverter.Int32BitsToSingle(color), BitConverter.Int32BitsToSingle(key)], 0);
         int splitIndex = _splits++;
-        var members = Enumerable.Range(0, Size).Where(r => (int)all[r][0] == color)
-            .OrderBy(r => (int)all[r][1]).ThenBy(r => r).ToList();
+        var members = Enumerable.Range(0, Size).Where(r => BitConverter.SingleToInt32Bits(all[r][0]) == color)
+            .OrderBy(r => BitConverter.SingleToInt32Bits(all[r][1])).ThenBy(r => r).ToList();
         var child = _group.Child(splitIndex, color, members.Count);
         return new InProcessCommunicator(child, members.IndexOf(Rank));
     }

@@ -11,6 +11,7 @@ namespace Distributed.Cluster;
 public sealed class MpiCommunicator : ICommunicator
 {
     private const int SendRecvTag = 17;
+    private static readonly TimeSpan AbortGrace = TimeSpan.FromMilliseconds(500);
     private readonly Intracommunicator _comm;
     private readonly Dictionary<(int Slot, int Length), float[]> _staging = [];
     private readonly Dictionary<int, Stack<float[]>> _pool = [];
@@ -78,6 +79,9 @@ public sealed class MpiCommunicator : ICommunicator
                 Console.Error.WriteLine($"rank {world.Rank} failed: {e.GetType().Name}: {e.Message}");
                 if (System.Environment.GetEnvironmentVariable("DSATTN_TRACE") == "1") Console.Error.WriteLine(e);
                 Console.Error.Flush();
+                // Hydra drops stdio still in its proxy's pipe once the abort tears the job down (seen as
+                // an empty stderr under load), so give the proxy a moment to forward the line above.
+                Thread.Sleep(AbortGrace);
                 Communicator.world.Abort(1);
                 return 1;
             }
@@ -193,6 +197,7 @@ public sealed class MpiCommunicator : ICommunicator
     /// <inheritdoc/>
     public ICommunicator Split(int color, int key)
     {
+        if (color < 0) throw new ArgumentOutOfRangeException(nameof(color), color, "Split: color must be ≥ 0 (MPI reserves negative colors).");
         Enter(CommOp.Split, 2, 0);
         var sub = _comm.Split(color, key) as Intracommunicator
             ?? throw new InvalidOperationException("MPI Split did not return an intracommunicator.");

@@ -140,6 +140,15 @@ public static class CommunicatorContract
         var sum = new float[1];
         sub.AllReduceSum(send, sum);
         Expect(sum[0], members.Sum(), "Split all-reduce");
+
+        // Colors and keys beyond float precision (2^24) must stay distinct: every rank its own group.
+        using var single = c.Split(100_000_000 + c.Rank, 50_000_000 - c.Rank);
+        Expect(single.Size, 1, "Split with large distinct colors: size");
+        Expect(single.Rank, 0, "Split with large distinct colors: rank");
+        // Keys beyond 2^24 that differ by 1 still order the ranks.
+        using var all = c.Split(0, (1 << 30) - c.Rank);
+        Expect(all.Size, c.Size, "Split one color: size");
+        Expect(all.Rank, c.Size - 1 - c.Rank, "Split one color, large keys = 2^30 - rank: rank");
     }
 
     private static void CountersAndSequence(ICommunicator c)

@@ -79,6 +79,29 @@ public sealed class InProcessContractTests
     }
 
     [Fact]
+    public void Split_NegativeColor_NamesParameter()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(1, comm => comm.Split(-1, 0).Size, TimeSpan.FromSeconds(10)));
+        Assert.Equal("color", Assert.IsType<ArgumentOutOfRangeException>(e.InnerException).ParamName);
+    }
+
+    [Fact]
+    public void Split_GroupsHaveTheirOwnCounters()
+    {
+        InProcessCommunicator.Run(2, comm =>
+        {
+            using var sub = comm.Split(0, comm.Rank);
+            var x = new float[6];
+            sub.AllReduceSum(x, x);
+            Assert.Equal(new CommOpCount(1, 24, 24), sub.Counters[CommOp.AllReduce]);
+            Assert.Equal(1, sub.CollectiveSequence);
+            Assert.Equal(default, comm.Counters[CommOp.AllReduce]);
+            Assert.Equal(1, comm.Counters[CommOp.Split].Calls);
+            return 0;
+        }, TimeSpan.FromSeconds(10));
+    }
+
+    [Fact]
     public void Run_ZeroRanks_Refused()
     {
         var e = Assert.Throws<ArgumentOutOfRangeException>(() => InProcessCommunicator.Run(0, _ => 0));
