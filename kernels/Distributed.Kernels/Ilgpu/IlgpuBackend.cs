@@ -68,7 +68,8 @@ public sealed class IlgpuBackend : IKernelBackend
     /// <summary>ILGPU's CPU accelerator: a debugging engine about 1,000x slower than a GPU; for tests.</summary>
     public static IlgpuBackend CreateCpu()
     {
-        // 8 warps of 4 threads: groups of up to 32, the flash tile width, with few OS threads on small hosts.
+        // 8 warps of 4 threads: groups of exactly 32, the width every grouped kernel here uses. Groups narrower
+        // than the simulated multiprocessor made test runs flaky here (wrong results, an aborted host).
         var context = Context.Create(b => b.CPU(new CPUDevice(4, 8, 1)).EnableAlgorithms());
         try
         {
@@ -167,6 +168,7 @@ public sealed class IlgpuBackend : IKernelBackend
         _copySlice(Elementwise(total), src.View, dst.View,
             new Int4(checked((int)outer), count, checked((int)inner), 0),
             new Int4(source.Shape[axis], srcStart, destination.Shape[axis], dstStart));
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -179,6 +181,7 @@ public sealed class IlgpuBackend : IKernelBackend
         var p = Params(dims, options);
         int groups = dims.B * dims.H * ((dims.Nq + FlashKernels.TileQ - 1) / FlashKernels.TileQ);
         _flashForward(new KernelConfig(groups, FlashKernels.TileQ), View(q), View(k), View(v), View(o), View(lse), p);
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -192,6 +195,7 @@ public sealed class IlgpuBackend : IKernelBackend
         long rows = (long)b * h * n;
         if (rows == 0) return;
         _rowDot(Elementwise(rows), View(o), View(dO), View(drow), new Int4(b, n, h, dv));
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -210,11 +214,13 @@ public sealed class IlgpuBackend : IKernelBackend
         {
             int groups = dims.B * dims.H * ((dims.Nq + FlashKernels.TileQ - 1) / FlashKernels.TileQ);
             _flashDq(new KernelConfig(groups, FlashKernels.TileQ), View(q), View(k), View(v), View(lse), View(drow), View(dO), View(dQ), p);
+            AfterLaunch();
         }
         if (dims.Nk > 0)
         {
             int groups = dims.B * dims.Hk * ((dims.Nk + FlashKernels.TileKb - 1) / FlashKernels.TileKb);
             _flashDkDv(new KernelConfig(groups, FlashKernels.TileKb), View(q), View(k), View(v), View(lse), View(drow), View(dO), View(dK), View(dV), p);
+            AfterLaunch();
         }
     }
 
@@ -230,6 +236,7 @@ public sealed class IlgpuBackend : IKernelBackend
         long rows = (long)b * h * n;
         if (rows == 0) return;
         _merge(Elementwise(rows), View(oA), View(lseA), View(oB), View(lseB), new Int4(b, n, h, dv));
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -255,9 +262,12 @@ public sealed class IlgpuBackend : IKernelBackend
         var ln = UploadLnDecay(decay);
         var states = Scratch(ref _statesA, (long)dims.B * dims.H * p.T * dims.D * dims.Dv);
         _blockState(Elementwise(states.Length), View(k), View(v), ln, states, p);
+        AfterLaunch();
         _scanForward(Elementwise((long)dims.B * dims.H * dims.D * dims.Dv), states, s0 is null ? states : View(s0),
             sEnd is null ? states : View(sEnd), ln, p, new Int4(s0 is null ? 0 : 1, sEnd is null ? 0 : 1, 0, 0));
-        _output(Elementwise(o.Length), View(q), View(k), View(v), ln, states, View(o), p);
+        AfterLaunch();
+        _output(RowBlocks(dims.B * dims.H, dims.Nq), View(q), View(k), View(v), ln, states, View(o), p);
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -291,15 +301,22 @@ public sealed class IlgpuBackend : IKernelBackend
 
         // Forward states (entering each block; non-causal: the total S) feed dQ.
         _blockState(Elementwise(stateCount), View(k), View(v), ln, states, p);
+        AfterLaunch();
         _scanForward(Elementwise(headStates), states, s0 is null ? states : View(s0), states, ln, p, new Int4(s0 is null ? 0 : 1, 0, 0, 0));
+        AfterLaunch();
         // Backward states (leaving each block; non-causal: the total dS) feed dK and dV.
         _blockGrad(Elementwise(stateCount), View(q), View(dO), ln, grads, p);
+        AfterLaunch();
         _scanBackward(Elementwise(headStates), grads, dSEnd is null ? grads : View(dSEnd), dS0 is null ? grads : View(dS0), ln, p,
             new Int4(dSEnd is null ? 0 : 1, dS0 is null ? 0 : 1, 0, 0));
+        AfterLaunch();
 
-        _gradQ(Elementwise(dQ.Length), View(k), View(v), View(dO), ln, states, View(dQ), p);
-        _gradK(Elementwise(dK.Length), View(q), View(v), View(dO), ln, grads, View(dK), p);
-        _gradV(Elementwise(dV.Length), View(q), View(k), View(dO), ln, grads, View(dV), p);
+        _gradQ(RowBlocks(dims.B * dims.H, dims.Nq), View(k), View(v), View(dO), ln, states, View(dQ), p);
+        AfterLaunch();
+        _gradK(RowBlocks(dims.B * dims.Hk, dims.Nq), View(q), View(v), View(dO), ln, grads, View(dK), p);
+        AfterLaunch();
+        _gradV(RowBlocks(dims.B * dims.Hk, dims.Nq), View(q), View(k), View(dO), ln, grads, View(dV), p);
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -324,6 +341,7 @@ public sealed class IlgpuBackend : IKernelBackend
         }
         var p = new LightningParams { B = b, N = n, H = h, Hk = hk, D = d, Dv = dv, Bs = n, T = 1, Causal = causal ? 1 : 0 };
         _blockState(Elementwise(m.Length), View(k), View(v), UploadLnDecay(decay), View(m), p);
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -344,6 +362,7 @@ public sealed class IlgpuBackend : IKernelBackend
         }
         var p = new LightningParams { B = b, N = n, H = h, Hk = h, D = d, Dv = dv, Bs = n, T = 1, Causal = causal ? 1 : 0 };
         _blockGrad(Elementwise(dM.Length), View(q), View(dO), UploadLnDecay(decay), View(dM), p);
+        AfterLaunch();
     }
 
     /// <inheritdoc/>
@@ -424,6 +443,19 @@ public sealed class IlgpuBackend : IKernelBackend
         long groups = Math.Clamp((count + size - 1) / size, 1, 65_535);
         return new KernelConfig((int)groups, size);
     }
+
+    /// <summary>
+    /// ILGPU's CPU accelerator gave wrong results now and then (once an aborted test host) when kernels
+    /// were queued back to back; waiting for each one there removes the overlap. GPUs order launches on
+    /// the stream and need no wait.
+    /// </summary>
+    private void AfterLaunch()
+    {
+        if (_accelerator.AcceleratorType == AcceleratorType.CPU) _accelerator.Synchronize();
+    }
+
+    private static KernelConfig RowBlocks(int heads, int rows) =>
+        new(heads * ((rows + LightningKernels.GroupRows - 1) / LightningKernels.GroupRows), LightningKernels.GroupRows);
 
     private ArrayView<float> Scratch(ref MemoryBuffer1D<float, Stride1D.Dense>? buffer, long length)
     {

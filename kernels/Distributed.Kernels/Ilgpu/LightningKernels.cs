@@ -143,164 +143,193 @@ internal static class LightningKernels
         }
     }
 
+    /// <summary>Row stride of the per-thread weight rows in shared memory (odd: one bank per thread).</summary>
+    public const int WeightStride = BlockSize + 1;
+
+    /// <summary>Rows per group of the row kernels: half a block, one warp.</summary>
+    public const int GroupRows = 32;
+
     /// <summary>
-    /// O[b,i,h,c]: causal, Σ_{jl≤il} λ^(il−jl)(q_i·k_j) v_j[c] + λ^(il+1) Σ_d q_i[d] S_in,t[d,c];
-    /// non-causal, Σ_d q_i[d] S[d,c].
+    /// Locates this thread's row: row <paramref name="row"/> of head h in batch b, at index
+    /// <paramref name="local"/> of block <paramref name="tb"/> that starts at <paramref name="row0"/>. Grid:
+    /// heads·ceil(N/GroupRows) groups of GroupRows threads (heads = H for query rows, Hk for key rows).
+    /// </summary>
+    private static void RowOf(in LightningParams p, int heads, out long b, out int h, out int row, out int tb, out int row0, out int local)
+    {
+        int subBlocks = (p.N + GroupRows - 1) / GroupRows;
+        int sb = Grid.IdxX % subBlocks;
+        int bh = Grid.IdxX / subBlocks;
+        h = bh % heads;
+        b = bh / heads;
+        row = sb * GroupRows + Group.IdxX;
+        tb = row / BlockSize;
+        row0 = tb * BlockSize;
+        local = row - row0;
+    }
+
+    /// <summary>
+    /// O[b,i,h,:], one thread per row (a group covers half of a 64-row block). Causal: the thread first forms its weights
+    /// w_j = λ^(il−jl)(q_i·k_j) for jl ≤ il in shared memory (a per-thread array would live in local memory),
+    /// then o_i[c] = Σ_j w_j v_j[c] + λ^(il+1) Σ_d q_i[d] S_in,t[d,c]. Non-causal: o_i = q_i S.
     /// </summary>
     public static void Output(ArrayView<float> q, ArrayView<float> k, ArrayView<float> v, ArrayView<float> lnDecay,
         ArrayView<float> states, ArrayView<float> o, LightningParams p)
     {
-        long total = (long)p.B * p.N * p.H * p.Dv;
-        int group = p.H / p.Hk;
-        for (long e = Grid.GlobalIndex.X; e < total; e += Stride)
+        var weights = SharedMemory.Allocate<float>(GroupRows * WeightStride);
+        RowOf(p, p.H, out long b, out int h, out int i, out int tb, out int row0, out int il);
+        if (i >= p.N) return;
+        int hk = h / (p.H / p.Hk);
+        bool causal = p.Causal != 0;
+        float ln = LnDecay(lnDecay, p, h);
+        long qRow = (b * p.N + i) * p.H + h;
+        int wBase = Group.IdxX * WeightStride;
+        if (causal)
         {
-            int c = (int)(e % p.Dv);
-            long r = e / p.Dv;
-            int h = (int)(r % p.H); r /= p.H;
-            int i = (int)(r % p.N);
-            long b = r / p.N;
-            int hk = h / group;
-            int t = i / p.Bs, il = i - t * p.Bs;
-            long qRow = (b * p.N + i) * p.H + h;
-            float ln = LnDecay(lnDecay, p, h);
-            float acc = 0f;
-            if (p.Causal != 0)
+            for (int jl = 0; jl <= il; jl++)
             {
-                for (int jl = 0; jl <= il; jl++)
-                {
-                    long kRow = (b * p.N + t * p.Bs + jl) * p.Hk + hk;
-                    float dot = 0f;
-                    for (int d = 0; d < p.D; d++) dot += q[qRow * p.D + d] * k[kRow * p.D + d];
-                    acc += MathF.Exp((il - jl) * ln) * dot * v[kRow * p.Dv + c];
-                }
+                long kRow = (b * p.N + row0 + jl) * p.Hk + hk;
+                float dot = 0f;
+                for (int d = 0; d < p.D; d++) dot += q[qRow * p.D + d] * k[kRow * p.D + d];
+                weights[wBase + jl] = MathF.Exp((il - jl) * ln) * dot;
             }
-            long sBase = ((b * p.H + h) * p.T + t) * p.D * p.Dv + c;
-            float inter = 0f;
-            for (int d = 0; d < p.D; d++) inter += q[qRow * p.D + d] * states[sBase + (long)d * p.Dv];
-            o[e] = acc + (p.Causal != 0 ? MathF.Exp((il + 1) * ln) : 1f) * inter;
         }
-    }
-
-    /// <summary>dQ[b,i,h,d]: the mirror of <see cref="Output"/> with dO in place of O and S read transposed.</summary>
-    public static void GradQ(ArrayView<float> k, ArrayView<float> v, ArrayView<float> dO, ArrayView<float> lnDecay,
-        ArrayView<float> states, ArrayView<float> dQ, LightningParams p)
-    {
-        long total = (long)p.B * p.N * p.H * p.D;
-        int group = p.H / p.Hk;
-        for (long e = Grid.GlobalIndex.X; e < total; e += Stride)
+        long sBase = ((b * p.H + h) * p.T + (causal ? tb : 0)) * p.D * p.Dv;
+        float interScale = causal ? MathF.Exp((il + 1) * ln) : 1f;
+        for (int c = 0; c < p.Dv; c++)
         {
-            int d = (int)(e % p.D);
-            long r = e / p.D;
-            int h = (int)(r % p.H); r /= p.H;
-            int i = (int)(r % p.N);
-            long b = r / p.N;
-            int hk = h / group;
-            int t = i / p.Bs, il = i - t * p.Bs;
-            long qRow = (b * p.N + i) * p.H + h;
-            float ln = LnDecay(lnDecay, p, h);
             float acc = 0f;
-            if (p.Causal != 0)
-            {
-                for (int jl = 0; jl <= il; jl++)
-                {
-                    long kRow = (b * p.N + t * p.Bs + jl) * p.Hk + hk;
-                    float dot = 0f;
-                    for (int c = 0; c < p.Dv; c++) dot += dO[qRow * p.Dv + c] * v[kRow * p.Dv + c];
-                    acc += MathF.Exp((il - jl) * ln) * dot * k[kRow * p.D + d];
-                }
-            }
-            long sBase = (((b * p.H + h) * p.T + t) * p.D + d) * p.Dv;
+            if (causal)
+                for (int jl = 0; jl <= il; jl++) acc += weights[wBase + jl] * v[((b * p.N + row0 + jl) * p.Hk + hk) * p.Dv + c];
             float inter = 0f;
-            for (int c = 0; c < p.Dv; c++) inter += dO[qRow * p.Dv + c] * states[sBase + c];
-            dQ[e] = acc + (p.Causal != 0 ? MathF.Exp((il + 1) * ln) : 1f) * inter;
+            for (int d = 0; d < p.D; d++) inter += q[qRow * p.D + d] * states[sBase + (long)d * p.Dv + c];
+            o[qRow * p.Dv + c] = acc + interScale * inter;
         }
     }
 
     /// <summary>
-    /// dK[b,j,hk,d] = Σ over the heads of the GQA group of
-    /// Σ_{il≥jl} λ^(il−jl)(dO_i·v_j) q_i[d] + λ^(n_t−1−jl) Σ_c G_t[d,c] v_j[c] (non-causal: the last term with λ = 1).
+    /// dQ[b,i,h,:], grouped as <see cref="Output"/>: weights λ^(il−jl)(dO_i·v_j), then
+    /// dq_i[d] = Σ_j w_j k_j[d] + λ^(il+1) Σ_c dO_i[c] S_in,t[d,c].
+    /// </summary>
+    public static void GradQ(ArrayView<float> k, ArrayView<float> v, ArrayView<float> dO, ArrayView<float> lnDecay,
+        ArrayView<float> states, ArrayView<float> dQ, LightningParams p)
+    {
+        var weights = SharedMemory.Allocate<float>(GroupRows * WeightStride);
+        RowOf(p, p.H, out long b, out int h, out int i, out int tb, out int row0, out int il);
+        if (i >= p.N) return;
+        int hk = h / (p.H / p.Hk);
+        bool causal = p.Causal != 0;
+        float ln = LnDecay(lnDecay, p, h);
+        long qRow = (b * p.N + i) * p.H + h;
+        int wBase = Group.IdxX * WeightStride;
+        if (causal)
+        {
+            for (int jl = 0; jl <= il; jl++)
+            {
+                long kRow = (b * p.N + row0 + jl) * p.Hk + hk;
+                float dot = 0f;
+                for (int c = 0; c < p.Dv; c++) dot += dO[qRow * p.Dv + c] * v[kRow * p.Dv + c];
+                weights[wBase + jl] = MathF.Exp((il - jl) * ln) * dot;
+            }
+        }
+        long sBase = ((b * p.H + h) * p.T + (causal ? tb : 0)) * p.D * p.Dv;
+        float interScale = causal ? MathF.Exp((il + 1) * ln) : 1f;
+        for (int d = 0; d < p.D; d++)
+        {
+            float acc = 0f;
+            if (causal)
+                for (int jl = 0; jl <= il; jl++) acc += weights[wBase + jl] * k[((b * p.N + row0 + jl) * p.Hk + hk) * p.D + d];
+            float inter = 0f;
+            for (int c = 0; c < p.Dv; c++) inter += dO[qRow * p.Dv + c] * states[sBase + (long)d * p.Dv + c];
+            dQ[qRow * p.D + d] = acc + interScale * inter;
+        }
+    }
+
+    /// <summary>
+    /// dK[b,j,hk,:], one thread per key row of a block, summed over the heads of the GQA group (the thread
+    /// owns its output row, so it adds in place): weights λ^(il−jl)(dO_i·v_j) for il ≥ jl, then
+    /// dk_j[d] += Σ_i w_i q_i[d] + λ^(n_t−1−jl) Σ_c G_t[d,c] v_j[c] (non-causal: the last term with λ = 1).
     /// </summary>
     public static void GradK(ArrayView<float> q, ArrayView<float> v, ArrayView<float> dO, ArrayView<float> lnDecay,
         ArrayView<float> grads, ArrayView<float> dK, LightningParams p)
     {
-        long total = (long)p.B * p.N * p.Hk * p.D;
+        var weights = SharedMemory.Allocate<float>(GroupRows * WeightStride);
+        RowOf(p, p.Hk, out long b, out int hk, out int j, out int tb, out int row0, out int jl);
+        if (j >= p.N) return;
         int group = p.H / p.Hk;
-        for (long e = Grid.GlobalIndex.X; e < total; e += Stride)
+        bool causal = p.Causal != 0;
+        int n = Math.Min(BlockSize, p.N - row0);
+        long kRow = (b * p.N + j) * p.Hk + hk;
+        int wBase = Group.IdxX * WeightStride;
+        for (int g = 0; g < group; g++)
         {
-            int d = (int)(e % p.D);
-            long r = e / p.D;
-            int hk = (int)(r % p.Hk); r /= p.Hk;
-            int j = (int)(r % p.N);
-            long b = r / p.N;
-            int t = j / p.Bs, jl = j - t * p.Bs;
-            int n = BlockLength(p, t);
-            long kRow = (b * p.N + j) * p.Hk + hk;
-            float sum = 0f;
-            for (int g = 0; g < group; g++)
+            int h = hk * group + g;
+            float ln = LnDecay(lnDecay, p, h);
+            if (causal)
             {
-                int h = hk * group + g;
-                float ln = LnDecay(lnDecay, p, h);
-                float acc = 0f;
-                if (p.Causal != 0)
+                for (int il = jl; il < n; il++)
                 {
-                    for (int il = jl; il < n; il++)
-                    {
-                        long qRow = (b * p.N + t * p.Bs + il) * p.H + h;
-                        float dot = 0f;
-                        for (int c = 0; c < p.Dv; c++) dot += dO[qRow * p.Dv + c] * v[kRow * p.Dv + c];
-                        acc += MathF.Exp((il - jl) * ln) * dot * q[qRow * p.D + d];
-                    }
+                    long qRow = (b * p.N + row0 + il) * p.H + h;
+                    float dot = 0f;
+                    for (int c = 0; c < p.Dv; c++) dot += dO[qRow * p.Dv + c] * v[kRow * p.Dv + c];
+                    weights[wBase + il] = MathF.Exp((il - jl) * ln) * dot;
                 }
-                long sBase = (((b * p.H + h) * p.T + t) * p.D + d) * p.Dv;
-                float inter = 0f;
-                for (int c = 0; c < p.Dv; c++) inter += grads[sBase + c] * v[kRow * p.Dv + c];
-                sum += acc + MathF.Exp((n - 1 - jl) * ln) * inter;
             }
-            dK[e] = sum;
+            long sBase = ((b * p.H + h) * p.T + (causal ? tb : 0)) * p.D * p.Dv;
+            float interScale = causal ? MathF.Exp((n - 1 - jl) * ln) : 1f;
+            for (int d = 0; d < p.D; d++)
+            {
+                float acc = 0f;
+                if (causal)
+                    for (int il = jl; il < n; il++) acc += weights[wBase + il] * q[((b * p.N + row0 + il) * p.H + h) * p.D + d];
+                float inter = 0f;
+                for (int c = 0; c < p.Dv; c++) inter += grads[sBase + (long)d * p.Dv + c] * v[kRow * p.Dv + c];
+                float total = acc + interScale * inter;
+                dK[kRow * p.D + d] = g == 0 ? total : dK[kRow * p.D + d] + total;
+            }
         }
     }
 
     /// <summary>
-    /// dV[b,j,hk,c] = Σ over the heads of the GQA group of
-    /// Σ_{il≥jl} λ^(il−jl)(q_i·k_j) dO_i[c] + λ^(n_t−1−jl) Σ_d k_j[d] G_t[d,c].
+    /// dV[b,j,hk,:], grouped as <see cref="GradK"/>: weights λ^(il−jl)(q_i·k_j) for il ≥ jl, then
+    /// dv_j[c] += Σ_i w_i dO_i[c] + λ^(n_t−1−jl) Σ_d k_j[d] G_t[d,c].
     /// </summary>
     public static void GradV(ArrayView<float> q, ArrayView<float> k, ArrayView<float> dO, ArrayView<float> lnDecay,
         ArrayView<float> grads, ArrayView<float> dV, LightningParams p)
     {
-        long total = (long)p.B * p.N * p.Hk * p.Dv;
+        var weights = SharedMemory.Allocate<float>(GroupRows * WeightStride);
+        RowOf(p, p.Hk, out long b, out int hk, out int j, out int tb, out int row0, out int jl);
+        if (j >= p.N) return;
         int group = p.H / p.Hk;
-        for (long e = Grid.GlobalIndex.X; e < total; e += Stride)
+        bool causal = p.Causal != 0;
+        int n = Math.Min(BlockSize, p.N - row0);
+        long kRow = (b * p.N + j) * p.Hk + hk;
+        int wBase = Group.IdxX * WeightStride;
+        for (int g = 0; g < group; g++)
         {
-            int c = (int)(e % p.Dv);
-            long r = e / p.Dv;
-            int hk = (int)(r % p.Hk); r /= p.Hk;
-            int j = (int)(r % p.N);
-            long b = r / p.N;
-            int t = j / p.Bs, jl = j - t * p.Bs;
-            int n = BlockLength(p, t);
-            long kRow = (b * p.N + j) * p.Hk + hk;
-            float sum = 0f;
-            for (int g = 0; g < group; g++)
+            int h = hk * group + g;
+            float ln = LnDecay(lnDecay, p, h);
+            if (causal)
             {
-                int h = hk * group + g;
-                float ln = LnDecay(lnDecay, p, h);
-                float acc = 0f;
-                if (p.Causal != 0)
+                for (int il = jl; il < n; il++)
                 {
-                    for (int il = jl; il < n; il++)
-                    {
-                        long qRow = (b * p.N + t * p.Bs + il) * p.H + h;
-                        float dot = 0f;
-                        for (int d = 0; d < p.D; d++) dot += q[qRow * p.D + d] * k[kRow * p.D + d];
-                        acc += MathF.Exp((il - jl) * ln) * dot * dO[qRow * p.Dv + c];
-                    }
+                    long qRow = (b * p.N + row0 + il) * p.H + h;
+                    float dot = 0f;
+                    for (int d = 0; d < p.D; d++) dot += q[qRow * p.D + d] * k[kRow * p.D + d];
+                    weights[wBase + il] = MathF.Exp((il - jl) * ln) * dot;
                 }
-                long sBase = ((b * p.H + h) * p.T + t) * p.D * p.Dv + c;
-                float inter = 0f;
-                for (int d = 0; d < p.D; d++) inter += k[kRow * p.D + d] * grads[sBase + (long)d * p.Dv];
-                sum += acc + MathF.Exp((n - 1 - jl) * ln) * inter;
             }
-            dV[e] = sum;
+            long sBase = ((b * p.H + h) * p.T + (causal ? tb : 0)) * p.D * p.Dv;
+            float interScale = causal ? MathF.Exp((n - 1 - jl) * ln) : 1f;
+            for (int c = 0; c < p.Dv; c++)
+            {
+                float acc = 0f;
+                if (causal)
+                    for (int il = jl; il < n; il++) acc += weights[wBase + il] * dO[((b * p.N + row0 + il) * p.H + h) * p.Dv + c];
+                float inter = 0f;
+                for (int d = 0; d < p.D; d++) inter += k[kRow * p.D + d] * grads[sBase + (long)d * p.Dv + c];
+                float total = acc + interScale * inter;
+                dV[kRow * p.Dv + c] = g == 0 ? total : dV[kRow * p.Dv + c] + total;
+            }
         }
     }
 }
