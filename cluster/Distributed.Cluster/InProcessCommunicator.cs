@@ -261,7 +261,15 @@ public sealed class InProcessCommunicator : ICommunicator
 
     private static void Add(ReadOnlySpan<float> x, Span<float> y)
     {
-        for (int i = 0; i < y.Length; i++) y[i] += x[i];
+        int i = 0;
+        if (System.Numerics.Vector.IsHardwareAccelerated)
+        {
+            var xv = System.Runtime.InteropServices.MemoryMarshal.Cast<float, System.Numerics.Vector<float>>(x);
+            var yv = System.Runtime.InteropServices.MemoryMarshal.Cast<float, System.Numerics.Vector<float>>(y);
+            for (int v = 0; v < yv.Length; v++) yv[v] += xv[v];
+            i = yv.Length * System.Numerics.Vector<float>.Count;
+        }
+        for (; i < y.Length; i++) y[i] += x[i];
     }
 
     private sealed class InProcessRequest(InProcessCommunicator owner, Memory<float> receive, int source) : CommRequest

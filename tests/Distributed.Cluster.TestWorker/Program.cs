@@ -7,7 +7,39 @@ using Distributed.Cluster.TestWorker;
 //   hang <tag>  rank 0 never joins the barrier the others wait in (the launcher's timeout must kill all;
 //               the tag only marks the processes so the test can look for survivors)
 //   runner-fail <R>  as fail, through RankRunner (MPI under mpiexec, else 3 in-process ranks)
+//   bench [P]   times AllGather / AllReduceSum / SendRecv ring on 1 Mi floats (MPI under mpiexec, else P in-process ranks)
 string mode = args.Length > 0 ? args[0] : "contract";
+if (mode == "bench")
+{
+    int inProcess = args.Length > 1 ? int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 2;
+    return RankRunner.Run(inProcess, comm =>
+    {
+        const int n = 1 << 20;
+        var send = new float[n];
+        var gathered = new float[n * comm.Size];
+        var sum = new float[n];
+        var ring = new float[n];
+        int next = (comm.Rank + 1) % comm.Size, prev = (comm.Rank - 1 + comm.Size) % comm.Size;
+        (string Name, Action Op)[] ops =
+        [
+            ("AllGather", () => comm.AllGather(send, gathered)),
+            ("AllReduceSum", () => comm.AllReduceSum(send, sum)),
+            ("SendRecv", () => comm.SendRecv(send, next, ring, prev)),
+        ];
+        foreach (var (name, op) in ops)
+        {
+            for (int i = 0; i < 3; i++) op();
+            comm.Barrier();
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            const int reps = 20;
+            for (int i = 0; i < reps; i++) op();
+            comm.Barrier();
+            double ms = sw.Elapsed.TotalMilliseconds / reps;
+            if (comm.Rank == 0) Console.WriteLine($"BENCH {comm.GetType().Name} P={comm.Size} {name} 4 MiB/rank: {ms:F2} ms");
+        }
+        return 0;
+    });
+}
 if (mode == "runner-fail")
 {
     int failing = int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture);
