@@ -3,7 +3,8 @@ using System.Numerics;
 namespace Distributed.Reference;
 
 /// <summary>
-/// The one fp64 reference for every block operation: naive, obviously correct, O(N²) memory and time.
+/// The one fp64 reference for every block operation: naive and obviously correct (causal sums are the direct
+/// O(N²) ones), parallel only over (batch, KV head) with each output owned by one thread, so it is deterministic.
 /// Layouts as in IKernelBackend: Q [B,Nq,H,D], K [B,Nk,Hk,D], V [B,Nk,Hk,Dv], O [B,Nq,H,Dv],
 /// LSE [B,H,Nq], states [B,H,D,Dv]. Query head h reads KV head h / (H/Hk). Positions are global:
 /// query i sees key j iff kOffset + j ≤ qOffset + i (when causal).
