@@ -5,7 +5,9 @@ namespace Distributed.Cluster;
 /// Data is copied as a network would copy it: every contribution is copied into a private message when
 /// sent and copied again into the receiver's buffer; no rank ever reads another rank's memory.
 /// When one rank fails, every rank waiting in (or later entering) a collective of the job is released
-/// at once with <see cref="CommunicatorAbortedException"/>, so no rank waits forever.
+/// at once with <see cref="CommunicatorAbortedException"/>, so no rank waits forever. A rank that returns
+/// while others wait for it (one collective call fewer, or a message never sent) fails the waiters at once
+/// with an <see cref="InvalidOperationException"/> naming it, instead of the hang MPI would give.
 /// </summary>
 public sealed class InProcessCommunicator : ICommunicator
 {
@@ -48,7 +50,7 @@ public sealed class InProcessCommunicator : ICommunicator
         if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), size, "The number of ranks must be at least 1.");
         ArgumentNullException.ThrowIfNull(body);
         var job = new InProcessJob();
-        var world = new InProcessGroup(job, size);
+        var world = new InProcessGroup(job, [.. Enumerable.Range(0, size)]);
         var comms = new InProcessCommunicator[size];
         for (int r = 0; r < size; r++) comms[r] = new InProcessCommunicator(world, r);
         var results = new T[size];
@@ -71,6 +73,7 @@ public sealed class InProcessCommunicator : ICommunicator
                 finally
                 {
                     comms[rank].Dispose();
+                    job.Finished(rank);
                 }
             })
             { IsBackground = true, Name = $"rank {rank}" };
@@ -215,7 +218,7 @@ public sealed class InProcessCommunicator : ICommunicator
         int splitIndex = _splits++;
         var members = Enumerable.Range(0, Size).Where(r => BitConverter.SingleToInt32Bits(all[r][0]) == color)
             .OrderBy(r => BitConverter.SingleToInt32Bits(all[r][1])).ThenBy(r => r).ToList();
-        var child = _group.Child(splitIndex, color, members.Count);
+        var child = _group.Child(splitIndex, color, [.. members.Select(m => _group.WorldRanks[m])]);
         return new InProcessCommunicator(child, members.IndexOf(Rank));
     }
 
@@ -320,6 +323,27 @@ internal sealed class InProcessJob
 
     public int FailedRank { get; private set; } = -1;
 
+    private readonly HashSet<int> _finished = [];
+
+    /// <summary>World rank <paramref name="worldRank"/> returned from its body: it will never enter
+    /// another collective, so whoever waits for it must be told instead of hanging.</summary>
+    public void Finished(int worldRank)
+    {
+        List<InProcessGroup> groups;
+        lock (_lock)
+        {
+            _finished.Add(worldRank);
+            groups = [.. _groups];
+        }
+        foreach (var g in groups) g.WakeAll();
+    }
+
+    /// <summary>The lowest world rank among <paramref name="worldRanks"/> that has returned, or -1.</summary>
+    public int FirstFinished(IEnumerable<int> worldRanks)
+    {
+        lock (_lock) return worldRanks.Where(_finished.Contains).DefaultIfEmpty(-1).Min();
+    }
+
     public void Register(InProcessGroup g)
     {
         lock (_lock) _groups.Add(g);
@@ -360,13 +384,17 @@ internal sealed class InProcessGroup
     private readonly Dictionary<(int From, int To), Queue<float[]>> _mail = [];
     private readonly Dictionary<(int Split, int Color), InProcessGroup> _children = [];
 
-    public InProcessGroup(InProcessJob job, int size)
+    public InProcessGroup(InProcessJob job, int[] worldRanks)
     {
         Job = job;
-        Size = size;
-        _slots = new float[size][];
+        WorldRanks = worldRanks;
+        Size = worldRanks.Length;
+        _slots = new float[Size][];
         job.Register(this);
     }
+
+    /// <summary>World rank of each member, by group rank.</summary>
+    public int[] WorldRanks { get; }
 
     public InProcessJob Job { get; }
 
@@ -391,6 +419,15 @@ internal sealed class InProcessGroup
             while (_generation == gen)
             {
                 Job.ThrowIfFailed(rank);
+                // Any member that returned has not deposited (it would still be waiting here), so this
+                // collective can never complete: a rank made fewer collective calls than the others.
+                int gone = Job.FirstFinished(WorldRanks);
+                if (gone >= 0)
+                {
+                    _slots[rank] = null!;
+                    _arrived--;
+                    throw new InvalidOperationException($"rank {WorldRanks[rank]}: this collective can never complete because rank {gone} has already returned; every rank must make the same collective calls in the same order.");
+                }
                 Monitor.Wait(_lock);
             }
             return _published;
@@ -415,16 +452,18 @@ internal sealed class InProcessGroup
             {
                 if (_mail.TryGetValue((from, to), out var q) && q.Count > 0) return q.Dequeue();
                 Job.ThrowIfFailed(to);
+                if (Job.FirstFinished([WorldRanks[from]]) >= 0)
+                    throw new InvalidOperationException($"rank {WorldRanks[to]}: waits for a message from rank {WorldRanks[from]}, which has already returned without sending it.");
                 Monitor.Wait(_lock);
             }
         }
     }
 
-    public InProcessGroup Child(int split, int color, int size)
+    public InProcessGroup Child(int split, int color, int[] worldRanks)
     {
         lock (_lock)
         {
-            if (!_children.TryGetValue((split, color), out var g)) _children[(split, color)] = g = new InProcessGroup(Job, size);
+            if (!_children.TryGetValue((split, color), out var g)) _children[(split, color)] = g = new InProcessGroup(Job, worldRanks);
             return g;
         }
     }

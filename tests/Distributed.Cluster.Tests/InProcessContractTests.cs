@@ -60,11 +60,55 @@ public sealed class InProcessContractTests
     {
         var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(2, comm =>
         {
-            if (comm.Rank == 1) comm.Barrier(); // rank 0 never joins
+            if (comm.Rank == 0) Thread.Sleep(TimeSpan.FromSeconds(6)); // still computing at the deadline
+            comm.Barrier();
             return 0;
         }, TimeSpan.FromSeconds(2)));
         Assert.IsType<TimeoutException>(e.InnerException);
+        Assert.Contains("rank 0 in computation", e.Message, StringComparison.Ordinal);
         Assert.Contains("rank 1 in Barrier #1", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Run_RankReturnsEarly_WaitersFailAtOnceNamingIt()
+    {
+        var start = DateTime.UtcNow;
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(3, comm =>
+        {
+            comm.Barrier();
+            if (comm.Rank != 2) comm.Barrier(); // rank 2 makes one collective call fewer
+            return 0;
+        }));
+        // Ranks 0 and 1 both wait; whichever notices first is the reported failure.
+        Assert.Contains(e.Rank, new[] { 0, 1 });
+        Assert.Contains("rank 2 has already returned", e.Message, StringComparison.Ordinal);
+        Assert.True(DateTime.UtcNow - start < TimeSpan.FromSeconds(10));
+    }
+
+    [Fact]
+    public void Run_RankReturnsEarly_InSubgroup_Detected()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(4, comm =>
+        {
+            using var sub = comm.Split(comm.Rank % 2, comm.Rank);
+            if (comm.Rank != 3) sub.Barrier(); // world rank 3 (sub-rank 1 of the odd group) skips it
+            return 0;
+        }));
+        Assert.Equal(1, e.Rank);
+        Assert.Contains("rank 3 has already returned", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Run_ReceiveFromReturnedRank_Detected()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(2, comm =>
+        {
+            if (comm.Rank == 1) return 0;
+            comm.SendRecv(new float[2], 1, new float[2], 1);
+            return 0;
+        }));
+        Assert.Equal(0, e.Rank);
+        Assert.Contains("from rank 1, which has already returned", e.Message, StringComparison.Ordinal);
     }
 
     [Fact]
