@@ -13,7 +13,7 @@ public static class CommunicatorContract
     public static IReadOnlyList<string> Names { get; } =
     [
         "AllGather", "AllGatherVariable", "AllReduceSum", "ReduceScatterSum", "AllToAll", "SendRecvRing",
-        "StartSendRecvOverlap", "Barrier", "Split", "CountersAndSequence", "RepeatedSizes",
+        "StartSendRecvOverlap", "StartSendRecvProgress", "Barrier", "Split", "CountersAndSequence", "RepeatedSizes",
     ];
 
     /// <summary>Runs one check on this rank; throws <see cref="ContractViolation"/> on a wrong element.</summary>
@@ -29,6 +29,7 @@ public static class CommunicatorContract
             case "AllToAll": AllToAll(comm, 3); break;
             case "SendRecvRing": SendRecvRing(comm, 9); break;
             case "StartSendRecvOverlap": StartSendRecvOverlap(comm, 257); break;
+            case "StartSendRecvProgress": StartSendRecvProgress(comm, 1 << 18); break;
             case "Barrier": comm.Barrier(); comm.Barrier(); break;
             case "Split": Split(comm); break;
             case "CountersAndSequence": CountersAndSequence(comm); break;
@@ -124,6 +125,28 @@ public static class CommunicatorContract
             int origin = ((c.Rank - step) % c.Size + c.Size) % c.Size;
             for (int i = 0; i < n; i++) Expect(current[i], V(origin, i), $"ring step {step} from {origin}[{i}] (busy {busy})");
         }
+    }
+
+    private static void StartSendRecvProgress(ICommunicator c, int n)
+    {
+        // Rank 0 starts its exchange and goes into a barrier before waiting; rank 1 waits for rank 0's
+        // block before the barrier. That completes only if rank 0's started send moves without its Wait
+        // (1 MiB: past MPICH's eager limit, so the rendezvous must progress inside the barrier).
+        int next = (c.Rank + 1) % c.Size, prev = (c.Rank - 1 + c.Size) % c.Size;
+        var send = Enumerable.Range(0, n).Select(i => V(c.Rank, i)).ToArray();
+        var recv = new float[n];
+        var req = c.StartSendRecv(send, next, recv, prev);
+        if (c.Rank == 0)
+        {
+            c.Barrier();
+            req.Wait();
+        }
+        else
+        {
+            req.Wait();
+            c.Barrier();
+        }
+        for (int i = 0; i < n; i++) Expect(recv[i], V(prev, i), $"started exchange from {prev}[{i}]");
     }
 
     private static void Split(ICommunicator c)
