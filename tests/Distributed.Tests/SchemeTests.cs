@@ -1,0 +1,206 @@
+using Distributed.Cluster;
+using Distributed.Kernels;
+using Distributed.Kernels.Cpu;
+using Distributed.Reference;
+using Xunit;
+using Xunit.Abstractions;
+using Dims = Distributed.Reference.ReferenceAttention.Dims;
+
+namespace Distributed.Tests;
+
+/// <summary>
+/// Every scheme on P in-process ranks (P = 1..4) against the single-device fp64 reference over the whole
+/// sequence: outputs and gradients, relative error ≤ 1e-4, and the error must not grow with P.
+/// Every rank computes its own shard; the test puts the shards back in global order.
+/// </summary>
+public sealed class SchemeTests(ITestOutputHelper output)
+{
+    private const double Tolerance = 1e-4;
+
+    public sealed record Case(string Name, AttentionKind Attention, ParallelScheme Scheme, bool Causal, ShardLayout? Layout, float[]? Decay,
+        int N = 100, int H = 4, int Hk = 2, int D = 16, int Dv = 24, int B = 1)
+    {
+        public override string ToString() => Name;
+    }
+
+    public static TheoryData<Case> Cases() =>
+    [
+        new("lasp2 causal zigzag λ=1", AttentionKind.Lightning, ParallelScheme.Lasp2, true, ShardLayout.Zigzag, null),
+        new("lasp2 causal zigzag λ=0.99", AttentionKind.Lightning, ParallelScheme.Lasp2, true, ShardLayout.Zigzag, [0.99f, 0.99f, 0.99f, 0.99f]),
+        new("lasp2 causal contiguous λ=0.5", AttentionKind.Lightning, ParallelScheme.Lasp2, true, ShardLayout.Contiguous, [0.5f, 0.5f, 0.5f, 0.5f]),
+        new("lasp2 causal zigzag per-head λ, B=2, MHA", AttentionKind.Lightning, ParallelScheme.Lasp2, true, ShardLayout.Zigzag, [1f, 0.99f, 0.9f, 0.5f], Hk: 4, B: 2),
+        new("lasp2 non-causal", AttentionKind.Lightning, ParallelScheme.Lasp2, false, ShardLayout.Contiguous, null),
+        new("lasp2 non-causal zigzag GQA 4/1", AttentionKind.Lightning, ParallelScheme.Lasp2, false, ShardLayout.Zigzag, null, Hk: 1),
+        new("allgather causal zigzag", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Zigzag, null),
+        new("allgather causal contiguous B=2", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Contiguous, null, B: 2),
+        new("allgather non-causal GQA 4/1", AttentionKind.Softmax, ParallelScheme.AllGather, false, null, null, Hk: 1),
+    ];
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void ForwardBackward_MatchesSingleDeviceReference_ForEveryP(Case c)
+    {
+        var x = new Dims(c.B, c.N, c.N, c.H, c.Hk, c.D, c.Dv);
+        var q = ReferenceAttention.Random((long)c.B * c.N * c.H * c.D, 1);
+        double kvAmp = c.Attention == AttentionKind.Lightning ? 0.25 : 1.0;
+        var k = ReferenceAttention.Random((long)c.B * c.N * c.Hk * c.D, 2, kvAmp);
+        var v = ReferenceAttention.Random((long)c.B * c.N * c.Hk * c.Dv, 3);
+        var dO = ReferenceAttention.Random((long)c.B * c.N * c.H * c.Dv, 4);
+        double[] o, dq, dk, dv;
+        if (c.Attention == AttentionKind.Softmax)
+        {
+            o = ReferenceAttention.FlashForward(q, k, v, x, 0, 0, c.Causal, 1 / Math.Sqrt(c.D)).O;
+            (dq, dk, dv) = ReferenceAttention.FlashBackward(q, k, v, dO, x, 0, 0, c.Causal, 1 / Math.Sqrt(c.D));
+        }
+        else
+        {
+            var decay = (c.Decay ?? Enumerable.Repeat(1f, c.H).ToArray()).Select(f => (double)f).ToArray();
+            o = ReferenceAttention.LightningForward(q, k, v, decay, c.Causal, null, x).O;
+            (dq, dk, dv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, null, dO, null, x);
+        }
+
+        var errors = new double[5];
+        for (int p = 1; p <= 4; p++)
+        {
+            var got = RunDistributed(c, p, q, k, v, dO);
+            double e = new[]
+            {
+                ReferenceAttention.RelativeError(got.O, o), ReferenceAttention.RelativeError(got.DQ, dq),
+                ReferenceAttention.RelativeError(got.DK, dk), ReferenceAttention.RelativeError(got.DV, dv),
+            }.Max();
+            errors[p] = e;
+            output.WriteLine($"{c.Name}: P={p} max relative error {e:E2}");
+            Assert.True(e <= Tolerance, $"P={p}: relative error {e:E2} > {Tolerance:E0}");
+        }
+        // More ranks must not mean less accuracy (2x of P=1, with a floor at fp32 noise).
+        for (int p = 2; p <= 4; p++)
+            Assert.True(errors[p] <= Math.Max(2 * errors[1], 1e-6), $"error grows with P: P=1 {errors[1]:E2}, P={p} {errors[p]:E2}");
+    }
+
+    internal sealed record Global(float[] O, float[] DQ, float[] DK, float[] DV);
+
+    private static Global RunDistributed(Case c, int ranks, double[] q, double[] k, double[] v, double[] dO)
+    {
+        var shape = new AttentionShape(c.B, c.N, c.H, c.Hk, c.D, c.Dv);
+        var options = new SequenceParallelOptions { Attention = c.Attention, Scheme = c.Scheme, Causal = c.Causal, Layout = c.Layout, Decay = c.Decay };
+        var global = new Global(new float[o_len(c)], new float[q.Length], new float[k.Length], new float[v.Length]);
+        InProcessCommunicator.Run(ranks, comm =>
+        {
+            using var backend = new CpuBackend(1);
+            using var attention = new SequenceParallelAttention(comm, backend, shape, options);
+            var r = attention.LocalTokenRanges;
+            int n = attention.LocalTokens;
+            DeviceTensor Local(double[] g, int width, params int[] s)
+            {
+                var local = new float[(long)c.B * n * width];
+                Sharding.TakeLocal(g.Select(d => (float)d).ToArray(), local, c.B, c.N, width, r);
+                var t = backend.Allocate(s);
+                t.CopyFromHost(local);
+                return t;
+            }
+            using var tq = Local(q, c.H * c.D, c.B, n, c.H, c.D);
+            using var tk = Local(k, c.Hk * c.D, c.B, n, c.Hk, c.D);
+            using var tv = Local(v, c.Hk * c.Dv, c.B, n, c.Hk, c.Dv);
+            using var tdo = Local(dO, c.H * c.Dv, c.B, n, c.H, c.Dv);
+            using var to = backend.Allocate(c.B, n, c.H, c.Dv);
+            using var dq = backend.Allocate(c.B, n, c.H, c.D);
+            using var dk = backend.Allocate(c.B, n, c.Hk, c.D);
+            using var dv = backend.Allocate(c.B, n, c.Hk, c.Dv);
+            attention.Forward(tq, tk, tv, to);
+            attention.Backward(tdo, dq, dk, dv);
+            void Put(DeviceTensor t, float[] g, int width)
+            {
+                var local = new float[t.Length];
+                t.CopyToHost(local);
+                lock (global) Sharding.PutLocal(local, g, c.B, c.N, width, r);
+            }
+            Put(to, global.O, c.H * c.Dv);
+            Put(dq, global.DQ, c.H * c.D);
+            Put(dk, global.DK, c.Hk * c.D);
+            Put(dv, global.DV, c.Hk * c.Dv);
+            return 0;
+        }, TimeSpan.FromSeconds(120));
+        return global;
+
+        static long o_len(Case c) => (long)c.B * c.N * c.H * c.Dv;
+    }
+
+    /// <summary>Runs forward+backward on 4 ranks and returns rank 0's counters of that step.</summary>
+    private static IReadOnlyDictionary<CommOp, CommOpCount> CountOneStep(AttentionKind kind, ParallelScheme scheme, int n, int h = 1, int d = 16, bool backward = true)
+    {
+        var shape = new AttentionShape(1, n, h, h, d, d);
+        var options = new SequenceParallelOptions { Attention = kind, Scheme = scheme, Causal = true, Decay = kind == AttentionKind.Lightning ? Enumerable.Repeat(0.9f, h).ToArray() : null };
+        return InProcessCommunicator.Run(4, comm =>
+        {
+            using var backend = new CpuBackend(1);
+            using var attention = new SequenceParallelAttention(comm, backend, shape, options);
+            int nl = attention.LocalTokens;
+            using var q = backend.Allocate(1, nl, h, d);
+            using var o = backend.Allocate(1, nl, h, d);
+            using var g = backend.Allocate(1, nl, h, d);
+            using var g2 = backend.Allocate(1, nl, h, d);
+            using var g3 = backend.Allocate(1, nl, h, d);
+            comm.Counters.Reset();
+            attention.Forward(q, q, q, o);
+            if (backward) attention.Backward(o, g, g2, g3);
+            return comm.Counters.Snapshot();
+        }, TimeSpan.FromSeconds(300))[0];
+    }
+
+    [Fact]
+    public void Lasp2_OneAllGatherPerPass_BytesIndependentOfSequenceLength()
+    {
+        var small = CountOneStep(AttentionKind.Lightning, ParallelScheme.Lasp2, 4096);
+        var large = CountOneStep(AttentionKind.Lightning, ParallelScheme.Lasp2, 65536);
+        Assert.Equal(2, small[CommOp.AllGather].Calls); // one forward, one backward
+        Assert.Equal(small[CommOp.AllGather].BytesSent, large[CommOp.AllGather].BytesSent);
+        Assert.Equal(small.Values.Sum(c => c.BytesSent), large.Values.Sum(c => c.BytesSent));
+        // Zigzag: two [B,H,D,Dv] states per rank per pass.
+        Assert.Equal(2 * 2 * 16 * 16 * sizeof(float), small[CommOp.AllGather].BytesSent);
+    }
+
+    [Fact]
+    public void AllGather_BytesGrowLinearlyWithSequenceLength_OneReduceScatterBackward()
+    {
+        var a = CountOneStep(AttentionKind.Softmax, ParallelScheme.AllGather, 1024);
+        var b = CountOneStep(AttentionKind.Softmax, ParallelScheme.AllGather, 2048);
+        Assert.Equal(1, a[CommOp.AllGather].Calls);
+        Assert.Equal(1, a[CommOp.ReduceScatter].Calls);
+        Assert.Equal(2 * a[CommOp.AllGather].BytesSent, b[CommOp.AllGather].BytesSent);
+        Assert.Equal(2 * a[CommOp.ReduceScatter].BytesSent, b[CommOp.ReduceScatter].BytesSent);
+    }
+
+    [Fact]
+    public void BadShapes_FailNamingTheParameterAndFix()
+    {
+        InProcessCommunicator.Run(2, comm =>
+        {
+            using var backend = new CpuBackend(1);
+            var e1 = Assert.Throws<ArgumentException>(() => new SequenceParallelAttention(comm, backend, new AttentionShape(1, 64, 6, 4, 16, 16), new SequenceParallelOptions()));
+            Assert.Equal("shape", e1.ParamName);
+            Assert.Contains("H % Hk", e1.Message, StringComparison.Ordinal);
+            var e2 = Assert.Throws<ArgumentException>(() => new SequenceParallelAttention(comm, backend, new AttentionShape(1, 3, 4, 4, 16, 16),
+                new SequenceParallelOptions { Attention = AttentionKind.Lightning, Scheme = ParallelScheme.Lasp2 }));
+            Assert.Contains("shorter than", e2.Message, StringComparison.Ordinal);
+            var e3 = Assert.Throws<ArgumentException>(() => new SequenceParallelAttention(comm, backend, new AttentionShape(1, 64, 4, 4, 16, 16),
+                new SequenceParallelOptions { Attention = AttentionKind.Softmax, Scheme = ParallelScheme.Lasp2 }));
+            Assert.Equal("options", e3.ParamName);
+            var e4 = Assert.Throws<ArgumentException>(() => new SequenceParallelAttention(comm, backend, new AttentionShape(1, 64, 4, 4, 16, 16),
+                new SequenceParallelOptions { Attention = AttentionKind.Lightning, Scheme = ParallelScheme.Lasp2, Decay = [0.5f, 1.5f, 1f, 1f] }));
+            Assert.Contains("(0, 1]", e4.Message, StringComparison.Ordinal);
+            return 0;
+        }, TimeSpan.FromSeconds(30));
+    }
+
+    [Fact]
+    public void DefaultDecay_FollowsTheAlibiSlopes()
+    {
+        var d8 = SequenceParallelAttention.DefaultDecay(8);
+        for (int h = 0; h < 8; h++) Assert.Equal(Math.Exp(-Math.Pow(2, -(h + 1))), d8[h], 6);
+        var d6 = SequenceParallelAttention.DefaultDecay(6); // 4 slopes of 4 heads, then odd slopes of 8
+        Assert.Equal(Math.Exp(-Math.Pow(2, -2)), d6[0], 6);
+        Assert.Equal(Math.Exp(-Math.Pow(2, -1)), d6[4], 6);
+        Assert.Equal(Math.Exp(-Math.Pow(2, -3)), d6[5], 6);
+        Assert.All(d6, l => Assert.InRange(l, 0f, 1f));
+    }
+}
