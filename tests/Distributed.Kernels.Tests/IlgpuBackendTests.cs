@@ -27,6 +27,18 @@ public sealed class IlgpuBackendTests : KernelBackendContract
     public void LightningBackward_LongChunkStrongDecay_MatchesReference(LightningCase c) => CheckLightningBackward(c);
 
     [Fact]
+    public void CopySlice_OverlappingWithinOneTensor_MovesTheOriginalRows()
+    {
+        // [1, 6, 2]: rows r0..r5 hold 10·r + column; rows 0..2 move to 2..4, overlapping rows 2.
+        float[] data = [.. Enumerable.Range(0, 12).Select(e => 10f * (e / 2) + e % 2)];
+        using var t = Backend.Allocate(1, 6, 2);
+        t.CopyFromHost(data);
+        Backend.CopySlice(t, 0, t, 2, 3, 1);
+        float[] expected = [0, 1, 10, 11, 0, 1, 10, 11, 20, 21, 50, 51];
+        Assert.Equal(expected, Download(t));
+    }
+
+    [Fact]
     public void CreateCpu_IsNamedIlgpuCpu()
     {
         Assert.Equal("ilgpu-cpu", Backend.Name);

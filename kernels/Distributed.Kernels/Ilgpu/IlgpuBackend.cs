@@ -165,8 +165,21 @@ public sealed class IlgpuBackend : IKernelBackend
         for (int d = axis + 1; d < source.Shape.Count; d++) inner *= source.Shape[d];
         long total = outer * count * inner;
         if (total == 0) return;
-        _copySlice(Elementwise(total), src.View, dst.View,
-            new Int4(checked((int)outer), count, checked((int)inner), 0),
+        var dims = new Int4(checked((int)outer), count, checked((int)inner), 0);
+        bool overlapping = ReferenceEquals(src, dst) && srcStart != dstStart
+            && srcStart < dstStart + count && dstStart < srcStart + count;
+        if (overlapping)
+        {
+            // Threads copy in no particular order, so an overlapping move goes through a staging tensor.
+            using var staging = new IlgpuTensor(_accelerator, [dims.X, count, dims.Z]);
+            _copySlice(Elementwise(total), src.View, staging.View, dims, new Int4(source.Shape[axis], srcStart, count, 0));
+            AfterLaunch();
+            _copySlice(Elementwise(total), staging.View, dst.View, dims, new Int4(count, 0, destination.Shape[axis], dstStart));
+            // The staging buffer must outlive the copy that reads it.
+            _accelerator.Synchronize();
+            return;
+        }
+        _copySlice(Elementwise(total), src.View, dst.View, dims,
             new Int4(source.Shape[axis], srcStart, destination.Shape[axis], dstStart));
         AfterLaunch();
     }
