@@ -69,6 +69,23 @@ public static class MpiLauncher
         string.Join(' ', new[] { file }.Concat(args).Select(a => a.Length == 0 || a.Any(char.IsWhiteSpace) || a.Contains('"', StringComparison.Ordinal) ? $"\"{a.Replace("\"", "\\\"", StringComparison.Ordinal)}\"" : a));
 
     /// <summary>
+    /// <see cref="Run"/> on a worker thread, for callers that keep working (or run several jobs) meanwhile.
+    /// </summary>
+    /// <param name="file">Program to start.</param>
+    /// <param name="args">Its arguments (passed without a shell).</param>
+    /// <param name="timeout">Wall-clock limit; the whole process tree is killed at it.</param>
+    /// <param name="echo">When set, each output line is also passed here as it arrives.</param>
+    /// <param name="environment">Variables to set (null value: remove) on top of this process's environment.</param>
+    public static Task<LaunchResult> RunAsync(string file, IEnumerable<string> args, TimeSpan timeout, Action<string>? echo = null,
+        IReadOnlyDictionary<string, string?>? environment = null)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(file);
+        ArgumentNullException.ThrowIfNull(args);
+        var list = args.ToList();
+        return Task.Run(() => Run(file, list, timeout, echo, environment));
+    }
+
+    /// <summary>
     /// Runs a program to completion, capturing its output; at the timeout the whole process tree is
     /// killed and <see cref="LaunchResult.TimedOut"/> is set.
     /// </summary>

@@ -78,6 +78,26 @@ public sealed class LaunchEnvironmentTests
     }
 
     [Fact]
+    public async Task Run_CapturesExitCodeAndBothStreams()
+    {
+        var r = await MpiLauncher.RunAsync("/bin/sh", ["-c", "echo out; echo \"$DS_X\" >&2; exit 3"], TimeSpan.FromSeconds(30),
+            environment: new Dictionary<string, string?> { ["DS_X"] = "from env" });
+        Assert.Equal(3, r.ExitCode);
+        Assert.False(r.TimedOut);
+        Assert.Equal("out", r.Stdout.Trim());
+        Assert.Equal("from env", r.Stderr.Trim());
+    }
+
+    [Fact]
+    public void Run_Timeout_KillsAndSaysSo()
+    {
+        var r = MpiLauncher.Run("/bin/sh", ["-c", "sleep 60"], TimeSpan.FromSeconds(1));
+        Assert.True(r.TimedOut);
+        Assert.Equal(-1, r.ExitCode);
+        Assert.True(r.Elapsed < TimeSpan.FromSeconds(20), $"took {r.Elapsed}");
+    }
+
+    [Fact]
     public void BuildArguments_WithHostfile()
     {
         var a = MpiLauncher.BuildArguments(4, "/tmp/h", "dotnet", ["x.dll", "run"]);
