@@ -108,8 +108,9 @@ public sealed class SequenceParallelAttention : IDisposable
         {
             ParallelScheme.Lasp2 => new LaspLinearAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.AllGather => new AllGatherSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Partial or ParallelScheme.Ring or ParallelScheme.Ulysses or ParallelScheme.Hybrid =>
-                throw new NotSupportedException($"Scheme {options.Scheme} is not implemented in this build; use Lasp2 (lightning) or AllGather (softmax)."),
+            ParallelScheme.Ulysses => new UlyssesAttention(communicator, backend, shape, options, layout, _clock),
+            ParallelScheme.Partial or ParallelScheme.Ring or ParallelScheme.Hybrid =>
+                throw new NotSupportedException($"Scheme {options.Scheme} is not implemented in this build; use Lasp2 (lightning), AllGather (softmax) or Ulysses (both)."),
             _ => throw new ArgumentOutOfRangeException(nameof(options), options.Scheme, "Unknown scheme."),
         };
     }

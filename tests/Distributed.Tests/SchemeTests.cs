@@ -34,7 +34,14 @@ public sealed class SchemeTests(ITestOutputHelper output)
         new("allgather causal zigzag", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Zigzag, null),
         new("allgather causal contiguous B=2", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Contiguous, null, B: 2),
         new("allgather non-causal GQA 4/1", AttentionKind.Softmax, ParallelScheme.AllGather, false, null, null, Hk: 1),
+        new("ulysses softmax causal GQA 4/2", AttentionKind.Softmax, ParallelScheme.Ulysses, true, null, null),
+        new("ulysses softmax non-causal, KV 4/1 replicated", AttentionKind.Softmax, ParallelScheme.Ulysses, false, null, null, Hk: 1),
+        new("ulysses lightning causal per-head λ", AttentionKind.Lightning, ParallelScheme.Ulysses, true, null, [1f, 0.99f, 0.9f, 0.5f]),
+        new("ulysses lightning non-causal zigzag", AttentionKind.Lightning, ParallelScheme.Ulysses, false, ShardLayout.Zigzag, null, Hk: 4),
     ];
+
+    /// <summary>Schemes that split heads need H % P == 0; P = 3 is refused with the fix, for H = 4.</summary>
+    private static bool Refuses(Case c, int p) => c.Scheme == ParallelScheme.Ulysses && c.H % p != 0;
 
     [Theory]
     [MemberData(nameof(Cases))]
@@ -62,6 +69,13 @@ public sealed class SchemeTests(ITestOutputHelper output)
         var errors = new double[5];
         for (int p = 1; p <= 4; p++)
         {
+            if (Refuses(c, p))
+            {
+                var refused = Assert.Throws<RankFailedException>(() => RunDistributed(c, p, q, k, v, dO));
+                Assert.Contains("H % P == 0", refused.InnerException!.Message, StringComparison.Ordinal);
+                errors[p] = 0;
+                continue;
+            }
             var got = RunDistributed(c, p, q, k, v, dO);
             double e = new[]
             {
@@ -74,7 +88,7 @@ public sealed class SchemeTests(ITestOutputHelper output)
         }
         // More ranks must not mean less accuracy (2x of P=1, with a floor at fp32 noise).
         for (int p = 2; p <= 4; p++)
-            Assert.True(errors[p] <= Math.Max(2 * errors[1], 1e-6), $"error grows with P: P=1 {errors[1]:E2}, P={p} {errors[p]:E2}");
+            if (!Refuses(c, p)) Assert.True(errors[p] <= Math.Max(2 * errors[1], 1e-6), $"error grows with P: P=1 {errors[1]:E2}, P={p} {errors[p]:E2}");
     }
 
     internal sealed record Global(float[] O, float[] DQ, float[] DK, float[] DV);
