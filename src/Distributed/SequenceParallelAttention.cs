@@ -109,8 +109,9 @@ public sealed class SequenceParallelAttention : IDisposable
             ParallelScheme.Lasp2 => new LaspLinearAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.AllGather => new AllGatherSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.Ulysses => new UlyssesAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Partial or ParallelScheme.Ring or ParallelScheme.Hybrid =>
-                throw new NotSupportedException($"Scheme {options.Scheme} is not implemented in this build; use Lasp2 (lightning), AllGather (softmax) or Ulysses (both)."),
+            ParallelScheme.Ring => new RingSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
+            ParallelScheme.Partial or ParallelScheme.Hybrid =>
+                throw new NotSupportedException($"Scheme {options.Scheme} is not implemented in this build; use Lasp2 (lightning), AllGather or Ring (softmax), or Ulysses (both)."),
             _ => throw new ArgumentOutOfRangeException(nameof(options), options.Scheme, "Unknown scheme."),
         };
     }

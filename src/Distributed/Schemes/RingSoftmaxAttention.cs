@@ -1,0 +1,251 @@
+using Distributed.Cluster;
+using Distributed.Kernels;
+
+namespace Distributed.Schemes;
+
+/// <summary>
+/// Ring attention for softmax: K/V blocks travel around the ring by send/receive. Forward: at each of the
+/// P steps the next block's transfer is started before the current block's kernels run and waited on
+/// after them, and each block's partial (O, LSE) is merged into the running state as it arrives. Blocks
+/// (or block chunks) entirely in a query chunk's causal future are skipped; zigzag sharding balances the
+/// rest. Backward: the blocks travel again together with their dK/dV accumulators, each rank adding its
+/// queries' contribution (with the global LSE), so after P steps every block is home with its full gradient.
+/// </summary>
+internal sealed class RingSoftmaxAttention : IScheme
+{
+    private readonly ICommunicator _comm;
+    private readonly IKernelBackend _backend;
+    private readonly AttentionShape _s;
+    private readonly PhaseClock _clock;
+    private readonly FlashOptions _options;
+    private readonly IReadOnlyList<(int Start, int Count)>[] _rankRanges;
+    private readonly int[] _tokens;
+    private readonly LocalChunks _local;
+    private readonly int _kRow, _vRow;
+    private readonly DeviceTensor[] _lse, _drow, _partO, _partLse;
+    private readonly Dictionary<int, DeviceTensor[]> _blocks = [];  // per token count: K, V, dK, dV
+    private float[] _current = [], _next = [];
+    private DeviceTensor[]? _q, _o;
+    private DeviceTensor? _kLocal, _vLocal;
+
+    public RingSoftmaxAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
+    {
+        _comm = comm;
+        _backend = backend;
+        _s = shape;
+        _clock = clock;
+        _options = new FlashOptions(0, 0, options.Causal, options.Scale);
+        _rankRanges = Enumerable.Range(0, comm.Size).Select(r => Sharding.Ranges(shape.SeqLen, comm.Size, r, layout)).ToArray();
+        _tokens = _rankRanges.Select(rs => rs.Sum(x => x.Count)).ToArray();
+        Ranges = _rankRanges[comm.Rank];
+        _local = new LocalChunks(backend, Ranges);
+        _kRow = shape.KvHeads * shape.HeadDim;
+        _vRow = shape.KvHeads * shape.ValueDim;
+        _lse = Ranges.Select(r => backend.Allocate(shape.Batch, shape.Heads, r.Count)).ToArray();
+        _drow = Ranges.Select(r => backend.Allocate(shape.Batch, shape.Heads, r.Count)).ToArray();
+        _partO = Ranges.Select(r => backend.Allocate(shape.Batch, r.Count, shape.Heads, shape.ValueDim)).ToArray();
+        _partLse = Ranges.Select(r => backend.Allocate(shape.Batch, shape.Heads, r.Count)).ToArray();
+    }
+
+    public IReadOnlyList<(int Start, int Count)> Ranges { get; }
+
+    private int Prev => (_comm.Rank - 1 + _comm.Size) % _comm.Size;
+
+    private int Next => (_comm.Rank + 1) % _comm.Size;
+
+    /// <summary>Floats of rank r's block message: K and V (and, in backward, dK and dV).</summary>
+    private int Message(int r, bool withGradients) => _s.Batch * _tokens[r] * (_kRow + _vRow) * (withGradients ? 2 : 1);
+
+    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    {
+        int p = _comm.Size;
+        DeviceTensor[] qs = null!, os = null!;
+        _clock.Compute(() =>
+        {
+            qs = _local.Split("q", q);
+            os = _local.Output("o", o);
+            for (int c = 0; c < Ranges.Count; c++)
+            {
+                // The running state starts as "nothing seen": O = 0, LSE = -inf (weight 0 in the merge).
+                _backend.Clear(os[c]);
+                _lse[c].CopyFromHost(Enumerable.Repeat(float.NegativeInfinity, (int)_lse[c].Length).ToArray());
+            }
+        });
+        _clock.Communicate(() => Pack(k, v, null, null, _comm.Rank, false, ref _current));
+        for (int step = 0; step < p; step++)
+        {
+            int owner = ((_comm.Rank - step) % p + p) % p;
+            CommRequest? pending = null;
+            if (step < p - 1)
+            {
+                int incoming = ((owner - 1) % p + p) % p;
+                _clock.Communicate(() =>
+                {
+                    Grow(ref _next, Message(incoming, false));
+                    pending = _comm.StartSendRecv(_current.AsMemory(0, Message(owner, false)), Next, _next.AsMemory(0, Message(incoming, false)), Prev);
+                });
+            }
+            _clock.Compute(() =>
+            {
+                var block = Unpack(owner, false, _current);
+                for (int c = 0; c < Ranges.Count; c++)
+                    ForEachVisiblePart(owner, c, (kPart, vPart, start, _, _) =>
+                    {
+                        _backend.FlashForward(qs[c], kPart, vPart, _partO[c], _partLse[c], _options with { QueryOffset = Ranges[c].Start, KeyOffset = start });
+                        _backend.MergeSoftmax(os[c], _lse[c], _partO[c], _partLse[c]);
+                    }, block);
+            });
+            if (pending is not null)
+            {
+                _clock.Communicate(pending.Wait);
+                (_current, _next) = (_next, _current);
+            }
+        }
+        _clock.Compute(() => _local.Join(os, o));
+        (_q, _o, _kLocal, _vLocal) = (qs, os, k, v);
+    }
+
+    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    {
+        if (_q is null || _o is null || _kLocal is null || _vLocal is null) throw new InvalidOperationException("Call Forward before Backward: the backward pass reuses the forward's output and LSE.");
+        int p = _comm.Size;
+        DeviceTensor[] dOs = null!, dQs = null!;
+        _clock.Compute(() =>
+        {
+            dOs = _local.Split("dO", dO);
+            dQs = _local.Output("dQ", dQ);
+            for (int c = 0; c < Ranges.Count; c++)
+            {
+                _backend.SoftmaxRowDot(_o[c], dOs[c], _drow[c]);
+                _backend.Clear(dQs[c]);
+            }
+        });
+        _clock.Communicate(() => Pack(_kLocal, _vLocal, null, null, _comm.Rank, true, ref _current));
+        for (int step = 0; step < p; step++)
+        {
+            int owner = ((_comm.Rank - step) % p + p) % p;
+            DeviceTensor[] block = null!;
+            _clock.Compute(() =>
+            {
+                block = Unpack(owner, true, _current);
+                for (int c = 0; c < Ranges.Count; c++)
+                    ForEachVisiblePart(owner, c, (kPart, vPart, start, dkPart, dvPart) =>
+                        _backend.FlashBackward(_q[c], kPart, vPart, _lse[c], _drow[c], dOs[c], dQs[c], dkPart!, dvPart!,
+                            _options with { QueryOffset = Ranges[c].Start, KeyOffset = start, Accumulate = true }), block);
+            });
+            // The block moves on with its gradient; after P moves every block is back with its owner.
+            _clock.Communicate(() =>
+            {
+                Pack(block[0], block[1], block[2], block[3], owner, true, ref _current);
+                int incoming = ((owner - 1) % p + p) % p;
+                Grow(ref _next, Message(incoming, true));
+                _comm.SendRecv(_current.AsSpan(0, Message(owner, true)), Next, _next.AsSpan(0, Message(incoming, true)), Prev);
+                (_current, _next) = (_next, _current);
+            });
+        }
+        _clock.Compute(() =>
+        {
+            var home = Unpack(_comm.Rank, true, _current);
+            _backend.CopySlice(home[2], 0, dK, 0, _tokens[_comm.Rank], 1);
+            _backend.CopySlice(home[3], 0, dV, 0, _tokens[_comm.Rank], 1);
+            _local.Join(dQs, dQ);
+        });
+    }
+
+    /// <summary>
+    /// Runs <paramref name="work"/> for each token range of <paramref name="owner"/>'s block that query chunk
+    /// c can see (all, or the causally visible ones), with that range's K, V (and dK, dV) parts.
+    /// </summary>
+    private void ForEachVisiblePart(int owner, int c, Action<DeviceTensor, DeviceTensor, int, DeviceTensor?, DeviceTensor?> work, DeviceTensor[] block)
+    {
+        var ranges = _rankRanges[owner];
+        int offset = 0;
+        foreach (var (start, count) in ranges)
+        {
+            bool visible = !_options.Causal || start <= Ranges[c].Start + Ranges[c].Count - 1;
+            if (visible)
+            {
+                if (ranges.Count == 1) work(block[0], block[1], start, block[2], block[3]);
+                else
+                {
+                    var parts = Parts(count);
+                    _backend.CopySlice(block[0], offset, parts[0], 0, count, 1);
+                    _backend.CopySlice(block[1], offset, parts[1], 0, count, 1);
+                    if (block[2] is not null)
+                    {
+                        _backend.CopySlice(block[2], offset, parts[2], 0, count, 1);
+                        _backend.CopySlice(block[3], offset, parts[3], 0, count, 1);
+                    }
+                    work(parts[0], parts[1], start, parts[2], parts[3]);
+                    if (block[2] is not null)
+                    {
+                        _backend.CopySlice(parts[2], 0, block[2], offset, count, 1);
+                        _backend.CopySlice(parts[3], 0, block[3], offset, count, 1);
+                    }
+                }
+            }
+            offset += count;
+        }
+    }
+
+    /// <summary>Device tensors for one range of a zigzag block, reused: [K, V, dK, dV].</summary>
+    private DeviceTensor[] Parts(int tokens) => Tensors(-tokens - 1, tokens);
+
+    private DeviceTensor[] Tensors(int key, int tokens)
+    {
+        if (!_blocks.TryGetValue(key, out var t))
+        {
+            t =
+            [
+                _backend.Allocate(_s.Batch, tokens, _s.KvHeads, _s.HeadDim), _backend.Allocate(_s.Batch, tokens, _s.KvHeads, _s.ValueDim),
+                _backend.Allocate(_s.Batch, tokens, _s.KvHeads, _s.HeadDim), _backend.Allocate(_s.Batch, tokens, _s.KvHeads, _s.ValueDim),
+            ];
+            _blocks[key] = t;
+        }
+        return t;
+    }
+
+    /// <summary>Uploads a received message of <paramref name="owner"/>'s block into device tensors.</summary>
+    private DeviceTensor[] Unpack(int owner, bool withGradients, float[] message)
+    {
+        int tokens = _tokens[owner], b = _s.Batch;
+        var t = Tensors(tokens, tokens);
+        int kLen = b * tokens * _kRow, vLen = b * tokens * _vRow;
+        t[0].CopyFromHost(message.AsSpan(0, kLen));
+        t[1].CopyFromHost(message.AsSpan(kLen, vLen));
+        if (!withGradients) return [t[0], t[1], null!, null!];
+        t[2].CopyFromHost(message.AsSpan(kLen + vLen, kLen));
+        t[3].CopyFromHost(message.AsSpan(2 * kLen + vLen, vLen));
+        return t;
+    }
+
+    /// <summary>Stages K, V (and dK, dV, or zeros when null) of <paramref name="owner"/>'s block into a message.</summary>
+    private void Pack(DeviceTensor k, DeviceTensor v, DeviceTensor? dK, DeviceTensor? dV, int owner, bool withGradients, ref float[] message)
+    {
+        int tokens = _tokens[owner], b = _s.Batch;
+        int kLen = b * tokens * _kRow, vLen = b * tokens * _vRow;
+        Grow(ref message, Message(owner, withGradients));
+        k.CopyToHost(message.AsSpan(0, kLen));
+        v.CopyToHost(message.AsSpan(kLen, vLen));
+        if (!withGradients) return;
+        if (dK is null) message.AsSpan(kLen + vLen, kLen + vLen).Clear();
+        else
+        {
+            dK.CopyToHost(message.AsSpan(kLen + vLen, kLen));
+            dV!.CopyToHost(message.AsSpan(2 * kLen + vLen, vLen));
+        }
+    }
+
+    private static void Grow(ref float[] buffer, long length)
+    {
+        if (buffer.Length < length) buffer = new float[length];
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in _lse.Concat(_drow).Concat(_partO).Concat(_partLse)) t.Dispose();
+        foreach (var ts in _blocks.Values)
+            foreach (var t in ts) t.Dispose();
+        _local.Dispose();
+    }
+}
