@@ -110,8 +110,9 @@ public sealed class SequenceParallelAttention : IDisposable
             ParallelScheme.AllGather => new AllGatherSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.Ulysses => new UlyssesAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.Ring => new RingSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Partial or ParallelScheme.Hybrid =>
-                throw new NotSupportedException($"Scheme {options.Scheme} is not implemented in this build; use Lasp2 (lightning), AllGather or Ring (softmax), or Ulysses (both)."),
+            ParallelScheme.Partial => new PartialSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
+            ParallelScheme.Hybrid =>
+                throw new NotSupportedException($"Scheme {options.Scheme} is not implemented in this build; use Lasp2 (lightning), AllGather, Partial or Ring (softmax), or Ulysses (both)."),
             _ => throw new ArgumentOutOfRangeException(nameof(options), options.Scheme, "Unknown scheme."),
         };
     }
@@ -139,6 +140,24 @@ public sealed class SequenceParallelAttention : IDisposable
     /// shards dQ <c>[B,Nloc,H,D]</c>, dK <c>[B,Nloc,Hk,D]</c>, dV <c>[B,Nloc,Hk,Dv]</c>. Collective.
     /// </summary>
     public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV) => _scheme.Backward(dO, dQ, dK, dV);
+
+    /// <summary>
+    /// One decode step with the KV cache sharded over ranks (partial softmax states): q <c>[B, Nq, H, D]</c>
+    /// holds the same new tokens on every rank, at global positions starting at <paramref name="queryPosition"/>;
+    /// kLocal <c>[B, Nkv_r, Hk, D]</c> and vLocal <c>[B, Nkv_r, Hk, Dv]</c> are this rank's cache shard,
+    /// starting at global position <paramref name="kvStart"/>. Every rank gets o <c>[B, Nq, H, Dv]</c>. One
+    /// all-gather of B·Nq·H·(Dv+1) floats per rank, independent of the cache length. Collective.
+    /// </summary>
+    /// <exception cref="ArgumentException">Shapes that do not fit (the parameter is named).</exception>
+    public static void Decode(ICommunicator communicator, IKernelBackend backend, DeviceTensor q, long queryPosition,
+        DeviceTensor kLocal, DeviceTensor vLocal, long kvStart, DeviceTensor o, bool causal = true, float scale = 0f)
+    {
+        ArgumentNullException.ThrowIfNull(communicator);
+        ArgumentNullException.ThrowIfNull(backend);
+        var dims = AttentionDims.FromQkv(q, kLocal, vLocal);
+        AttentionDims.Expect(o, nameof(o), dims.B, dims.Nq, dims.H, dims.Dv);
+        PartialSoftmaxAttention.Decode(communicator, backend, q, queryPosition, kLocal, vLocal, kvStart, o, causal, scale);
+    }
 
     /// <summary>Releases the scheme's device buffers.</summary>
     public void Dispose() => _scheme.Dispose();

@@ -37,6 +37,9 @@ public sealed class SchemeTests(ITestOutputHelper output)
         new("ring causal zigzag", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Zigzag, null),
         new("ring causal contiguous B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Contiguous, null, Hk: 1, B: 2),
         new("ring non-causal", AttentionKind.Softmax, ParallelScheme.Ring, false, null, null),
+        new("partial causal", AttentionKind.Softmax, ParallelScheme.Partial, true, null, null),
+        new("partial causal zigzag B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Partial, true, ShardLayout.Zigzag, null, Hk: 1, B: 2),
+        new("partial non-causal", AttentionKind.Softmax, ParallelScheme.Partial, false, null, null),
         new("ulysses softmax causal GQA 4/2", AttentionKind.Softmax, ParallelScheme.Ulysses, true, null, null),
         new("ulysses softmax non-causal, KV 4/1 replicated", AttentionKind.Softmax, ParallelScheme.Ulysses, false, null, null, Hk: 1),
         new("ulysses lightning causal per-head λ", AttentionKind.Lightning, ParallelScheme.Ulysses, true, null, [1f, 0.99f, 0.9f, 0.5f]),
@@ -185,6 +188,73 @@ public sealed class SchemeTests(ITestOutputHelper output)
         Assert.Equal(1, a[CommOp.ReduceScatter].Calls);
         Assert.Equal(2 * a[CommOp.AllGather].BytesSent, b[CommOp.AllGather].BytesSent);
         Assert.Equal(2 * a[CommOp.ReduceScatter].BytesSent, b[CommOp.ReduceScatter].BytesSent);
+    }
+
+    [Fact]
+    public void PartialStates_BytesIndependentOfKvLength()
+    {
+        // The same 2 new tokens against a 4K and a 64K cache: the partial states exchanged are the same size.
+        long small = DecodeBytes(1 << 12);
+        Assert.Equal(small, DecodeBytes(1 << 16));
+        Assert.Equal(2L * 2 * (16 + 1) * sizeof(float), small); // B·Nq·H·(Dv+1) floats
+    }
+
+    [Fact]
+    public void Partial_OneQueryAllGatherAndOneAllToAllForward_OneReduceScatterBackward()
+    {
+        var counts = CountOneStep(AttentionKind.Softmax, ParallelScheme.Partial, 1024);
+        Assert.Equal(2, counts[CommOp.AllGather].Calls); // Q forward; [dO | LSE | Drow] backward
+        Assert.Equal(1, counts[CommOp.AllToAll].Calls);
+        Assert.Equal(1, counts[CommOp.ReduceScatter].Calls);
+    }
+
+    /// <summary>Bytes rank 0 sends in one decode step of 2 new tokens against a cache of the given length on 4 ranks.</summary>
+    private static long DecodeBytes(int cache)
+    {
+        return InProcessCommunicator.Run(4, comm =>
+        {
+            using var backend = new CpuBackend(1);
+            int shard = cache / 4;
+            using var q = backend.Allocate(1, 2, 2, 16);
+            using var k = backend.Allocate(1, shard, 2, 16);
+            using var v = backend.Allocate(1, shard, 2, 16);
+            using var o = backend.Allocate(1, 2, 2, 16);
+            comm.Counters.Reset();
+            SequenceParallelAttention.Decode(comm, backend, q, cache, k, v, comm.Rank * shard, o);
+            return comm.Counters.TotalBytesSent;
+        }, TimeSpan.FromSeconds(60))[0];
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    [InlineData(4)]
+    public void Decode_KvCacheShardedOverRanks_MatchesReference(int ranks)
+    {
+        // 3 new tokens at positions 90..92 attend causally to a 93-token cache split unevenly over the ranks.
+        var x = new Dims(1, 3, 93, 4, 2, 16, 24);
+        var q = ReferenceAttention.Random(3L * 4 * 16, 5);
+        var k = ReferenceAttention.Random(93L * 2 * 16, 6);
+        var v = ReferenceAttention.Random(93L * 2 * 24, 7);
+        var expected = ReferenceAttention.FlashForward(q, k, v, x, 90, 0, true, 0.25).O;
+        var outputs = InProcessCommunicator.Run(ranks, comm =>
+        {
+            using var backend = new CpuBackend(1);
+            var (start, count) = Sharding.Chunk(93, ranks, comm.Rank);
+            using var tq = backend.Allocate(1, 3, 4, 16);
+            tq.CopyFromHost(q.Select(d => (float)d).ToArray());
+            using var tk = backend.Allocate(1, count, 2, 16);
+            tk.CopyFromHost(k.Skip(start * 32).Take(count * 32).Select(d => (float)d).ToArray());
+            using var tv = backend.Allocate(1, count, 2, 24);
+            tv.CopyFromHost(v.Skip(start * 48).Take(count * 48).Select(d => (float)d).ToArray());
+            using var o = backend.Allocate(1, 3, 4, 24);
+            SequenceParallelAttention.Decode(comm, backend, tq, 90, tk, tv, start, o);
+            var r = new float[o.Length];
+            o.CopyToHost(r);
+            return r;
+        }, TimeSpan.FromSeconds(60));
+        foreach (var got in outputs)
+            Assert.True(ReferenceAttention.RelativeError(got, expected) <= Tolerance);
     }
 
     [Fact]

@@ -1,0 +1,229 @@
+using Distributed.Cluster;
+using Distributed.Kernels;
+
+namespace Distributed.Schemes;
+
+/// <summary>
+/// Partial softmax states: K and V never move. Forward: <b>one all-gather of Q</b>; each rank computes the
+/// partial state (O_r, LSE_r) of every query against its own KV shard; <b>one all-to-all</b> hands each rank
+/// the partials of its own queries from every rank (rather than all-gathering every partial to everyone),
+/// merged with MergeSoftmax in rank order. Backward: one all-gather of [dO | LSE | Drow], each rank's dK/dV
+/// are complete locally, and one reduce-scatter returns dQ to the query owners. The bytes depend on the
+/// number of queries, not on the KV length: with few queries (decode, see <see cref="Decode"/>) they are tiny.
+/// </summary>
+internal sealed class PartialSoftmaxAttention : IScheme
+{
+    private readonly ICommunicator _comm;
+    private readonly IKernelBackend _backend;
+    private readonly AttentionShape _s;
+    private readonly PhaseClock _clock;
+    private readonly FlashOptions _options;
+    private readonly IReadOnlyList<(int Start, int Count)>[] _rankRanges;
+    private readonly int[] _tokens;
+    private readonly int _maxTokens, _qRow, _oRow;
+    private readonly LocalChunks _local;
+    private readonly DeviceTensor _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll;
+    private float[] _a = [], _b = [], _c = [];
+    private DeviceTensor[]? _k, _v;
+
+    public PartialSoftmaxAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
+    {
+        _comm = comm;
+        _backend = backend;
+        _s = shape;
+        _clock = clock;
+        _options = new FlashOptions(0, 0, options.Causal, options.Scale);
+        _rankRanges = Enumerable.Range(0, comm.Size).Select(r => Sharding.Ranges(shape.SeqLen, comm.Size, r, layout)).ToArray();
+        _tokens = _rankRanges.Select(rs => rs.Sum(x => x.Count)).ToArray();
+        _maxTokens = _tokens.Max();
+        Ranges = _rankRanges[comm.Rank];
+        _local = new LocalChunks(backend, Ranges);
+        _qRow = shape.Heads * shape.HeadDim;
+        _oRow = shape.Heads * shape.ValueDim;
+        int b = shape.Batch, n = shape.SeqLen, h = shape.Heads, mine = _tokens[comm.Rank];
+        _qAll = backend.Allocate(b, n, h, shape.HeadDim);
+        _oPart = backend.Allocate(b, n, h, shape.ValueDim);
+        _lsePart = backend.Allocate(b, h, n);
+        _oTmp = backend.Allocate(b, n, h, shape.ValueDim);
+        _lseTmp = backend.Allocate(b, h, n);
+        _oMine = backend.Allocate(b, mine, h, shape.ValueDim);
+        _lseMine = backend.Allocate(b, h, mine);
+        _drowMine = backend.Allocate(b, h, mine);
+        _dOAll = backend.Allocate(b, n, h, shape.ValueDim);
+        _lseAll = backend.Allocate(b, h, n);
+        _drowAll = backend.Allocate(b, h, n);
+        _dQAll = backend.Allocate(b, n, h, shape.HeadDim);
+    }
+
+    public IReadOnlyList<(int Start, int Count)> Ranges { get; }
+
+    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    {
+        int b = _s.Batch, n = _s.SeqLen, h = _s.Heads;
+        GatherRows([(q, _qRow)], [(_qAll, _qRow)]);
+        _clock.Compute(() =>
+        {
+            _k = _local.Split("k", k);
+            _v = _local.Split("v", v);
+            for (int c = 0; c < Ranges.Count; c++)
+            {
+                var (oDst, lseDst) = c == 0 ? (_oPart, _lsePart) : (_oTmp, _lseTmp);
+                _backend.FlashForward(_qAll, _k[c], _v[c], oDst, lseDst, _options with { KeyOffset = Ranges[c].Start });
+                if (c > 0) _backend.MergeSoftmax(_oPart, _lsePart, _oTmp, _lseTmp);
+            }
+        });
+        // All-to-all: block s carries [O | LSE] of rank s's queries; each rank merges what it receives in rank order.
+        _clock.Communicate(() =>
+        {
+            int oBlock = b * _maxTokens * _oRow, lBlock = b * h * _maxTokens, block = oBlock + lBlock;
+            Grow(ref _a, (long)b * n * _oRow);
+            Grow(ref _b, (long)b * h * n);
+            _oPart.CopyToHost(_a.AsSpan(0, b * n * _oRow));
+            _lsePart.CopyToHost(_b.AsSpan(0, b * h * n));
+            Grow(ref _c, 2L * block * _comm.Size);
+            var send = _c.AsSpan(0, block * _comm.Size);
+            for (int s = 0; s < _comm.Size; s++)
+            {
+                int t = _tokens[s];
+                Sharding.TakeLocal(_a.AsSpan(0, b * n * _oRow), send.Slice(s * block, b * t * _oRow), b, n, _oRow, _rankRanges[s]);
+                Sharding.TakeLocal(_b.AsSpan(0, b * h * n), send.Slice(s * block + oBlock, b * h * t), b * h, n, 1, _rankRanges[s]);
+            }
+            var receive = _c.AsSpan(block * _comm.Size, block * _comm.Size);
+            _comm.AllToAll(send, receive);
+            int mine = _tokens[_comm.Rank];
+            // Rank 0's partial starts the state; every other rank's is merged into it, in rank order.
+            _oMine.CopyFromHost(receive.Slice(0, b * mine * _oRow));
+            _lseMine.CopyFromHost(receive.Slice(oBlock, b * h * mine));
+            using var oR = _backend.Allocate(b, mine, h, _s.ValueDim);
+            using var lR = _backend.Allocate(b, h, mine);
+            for (int r = 1; r < _comm.Size; r++)
+            {
+                oR.CopyFromHost(receive.Slice(r * block, b * mine * _oRow));
+                lR.CopyFromHost(receive.Slice(r * block + oBlock, b * h * mine));
+                _backend.MergeSoftmax(_oMine, _lseMine, oR, lR);
+            }
+        });
+        _clock.Compute(() => _backend.CopySlice(_oMine, 0, o, 0, _tokens[_comm.Rank], 1));
+    }
+
+    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    {
+        if (_k is null || _v is null) throw new InvalidOperationException("Call Forward before Backward: the backward pass reuses the forward's queries and LSE.");
+        int b = _s.Batch, n = _s.SeqLen, h = _s.Heads;
+        _clock.Compute(() => _backend.SoftmaxRowDot(_oMine, dO, _drowMine));
+        GatherRows([(dO, _oRow)], [(_dOAll, _oRow)], [_lseMine, _drowMine], [_lseAll, _drowAll]);
+        _clock.Compute(() =>
+        {
+            // Everything accumulates from zero: dQ over this rank's KV ranges, dK/dV per range.
+            var dKs = _local.Output("dK", dK);
+            var dVs = _local.Output("dV", dV);
+            _backend.Clear(_dQAll);
+            for (int c = 0; c < Ranges.Count; c++)
+            {
+                _backend.Clear(dKs[c]);
+                _backend.Clear(dVs[c]);
+                _backend.FlashBackward(_qAll, _k[c], _v[c], _lseAll, _drowAll, _dOAll, _dQAll, dKs[c], dVs[c],
+                    _options with { KeyOffset = Ranges[c].Start, Accumulate = true });
+            }
+            _local.Join(dKs, dK);
+            _local.Join(dVs, dV);
+        });
+        // One reduce-scatter: rank s receives Σ_r of the dQ rows of its own queries.
+        _clock.Communicate(() =>
+        {
+            int block = b * _maxTokens * _qRow;
+            Grow(ref _a, (long)b * n * _qRow);
+            _dQAll.CopyToHost(_a.AsSpan(0, b * n * _qRow));
+            Grow(ref _c, (long)block * (_comm.Size + 1));
+            var send = _c.AsSpan(0, block * _comm.Size);
+            send.Clear();
+            for (int s = 0; s < _comm.Size; s++)
+                Sharding.TakeLocal(_a.AsSpan(0, b * n * _qRow), send.Slice(s * block, b * _tokens[s] * _qRow), b, n, _qRow, _rankRanges[s]);
+            var receive = _c.AsSpan(block * _comm.Size, block);
+            _comm.ReduceScatterSum(send, receive);
+            dQ.CopyFromHost(receive.Slice(0, b * _tokens[_comm.Rank] * _qRow));
+        });
+    }
+
+    /// <summary>
+    /// One all-gather of this rank's rows of several tensors (token-major ones, and [B,H,Nloc] row statistics),
+    /// rebuilt in global token order on the device.
+    /// </summary>
+    private void GatherRows((DeviceTensor Local, int Row)[] rows, (DeviceTensor Global, int Row)[] globals, DeviceTensor[]? stats = null, DeviceTensor[]? globalStats = null)
+    {
+        _clock.Communicate(() =>
+        {
+            int b = _s.Batch, n = _s.SeqLen, h = _s.Heads;
+            int statCount = stats?.Length ?? 0;
+            int PerRank(int t) => rows.Sum(x => b * t * x.Row) + statCount * b * h * t;
+            var counts = _tokens.Select(PerRank).ToArray();
+            int mine = _tokens[_comm.Rank];
+            Grow(ref _a, counts[_comm.Rank]);
+            int off = 0;
+            foreach (var (local, row) in rows) { local.CopyToHost(_a.AsSpan(off, b * mine * row)); off += b * mine * row; }
+            for (int i = 0; i < statCount; i++) { stats![i].CopyToHost(_a.AsSpan(off, b * h * mine)); off += b * h * mine; }
+            Grow(ref _b, counts.Sum(x => (long)x));
+            _comm.AllGatherVariable(_a.AsSpan(0, counts[_comm.Rank]), _b.AsSpan(0, counts.Sum()), counts);
+            long need = rows.Max(x => (long)b * n * x.Row);
+            if (statCount > 0) need = Math.Max(need, (long)b * h * n);
+            Grow(ref _c, need);
+            for (int g = 0; g < rows.Length + statCount; g++)
+            {
+                bool stat = g >= rows.Length;
+                int row = stat ? 1 : rows[g].Row, batch = stat ? b * h : b;
+                var global = _c.AsSpan(0, batch * n * row);
+                int rankOffset = 0;
+                for (int r = 0; r < _comm.Size; r++)
+                {
+                    int t = _tokens[r], inner = 0;
+                    for (int x = 0; x < g; x++) inner += x < rows.Length ? b * t * rows[x].Row : b * h * t;
+                    Sharding.PutLocal(_b.AsSpan(rankOffset + inner, batch * t * row), global, batch, n, row, _rankRanges[r]);
+                    rankOffset += counts[r];
+                }
+                (stat ? globalStats![g - rows.Length] : globals[g].Global).CopyFromHost(global);
+            }
+        });
+    }
+
+    private static void Grow(ref float[] buffer, long length)
+    {
+        if (buffer.Length < length) buffer = new float[length];
+    }
+
+    /// <summary>
+    /// One decode step against a KV cache sharded over ranks: q <c>[B, Nq, H, D]</c> is the same on every rank
+    /// (new tokens at global positions <paramref name="queryPosition"/>…), kLocal/vLocal are this rank's
+    /// cache shard <c>[B, Nkv_r, Hk, D|Dv]</c> starting at global position <paramref name="kvStart"/>. Each
+    /// rank computes its partial (O, LSE), one all-gather moves the partials (B·Nq·H·(Dv+1) floats per
+    /// rank, whatever the cache length), and every rank merges them in rank order into o <c>[B, Nq, H, Dv]</c>.
+    /// </summary>
+    public static void Decode(ICommunicator comm, IKernelBackend backend, DeviceTensor q, long queryPosition, DeviceTensor kLocal, DeviceTensor vLocal,
+        long kvStart, DeviceTensor o, bool causal, float scale)
+    {
+        int b = q.Shape[0], nq = q.Shape[1], h = q.Shape[2], dv = vLocal.Shape[3];
+        using var lse = backend.Allocate(b, h, nq);
+        backend.FlashForward(q, kLocal, vLocal, o, lse, new FlashOptions(queryPosition, kvStart, causal, scale));
+        int oLen = b * nq * h * dv, lLen = b * h * nq;
+        var send = new float[oLen + lLen];
+        o.CopyToHost(send.AsSpan(0, oLen));
+        lse.CopyToHost(send.AsSpan(oLen, lLen));
+        var all = new float[send.Length * comm.Size];
+        comm.AllGather(send, all);
+        using var oR = backend.Allocate(b, nq, h, dv);
+        using var lR = backend.Allocate(b, h, nq);
+        o.CopyFromHost(all.AsSpan(0, oLen));
+        lse.CopyFromHost(all.AsSpan(oLen, lLen));
+        for (int r = 1; r < comm.Size; r++)
+        {
+            oR.CopyFromHost(all.AsSpan(r * send.Length, oLen));
+            lR.CopyFromHost(all.AsSpan(r * send.Length + oLen, lLen));
+            backend.MergeSoftmax(o, lse, oR, lR);
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in new[] { _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll }) t.Dispose();
+        _local.Dispose();
+    }
+}
