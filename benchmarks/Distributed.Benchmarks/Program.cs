@@ -1,3 +1,4 @@
 using BenchmarkDotNet.Running;
 
-BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
+// dotnet run -c Release --project benchmarks/Distributed.Benchmarks -- --filter '*Flash*'
+BenchmarkSwitcher.FromAssembly(typeof(Distributed.Benchmarks.Perf_FlashAttention).Assembly).Run(args);
