@@ -111,8 +111,7 @@ public sealed class SequenceParallelAttention : IDisposable
             ParallelScheme.Ulysses => new UlyssesAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.Ring => new RingSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.Partial => new PartialSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Hybrid =>
-                throw new NotSupportedException($"Scheme {options.Scheme} is not implemented in this build; use Lasp2 (lightning), AllGather, Partial or Ring (softmax), or Ulysses (both)."),
+            ParallelScheme.Hybrid => new HybridAttention(communicator, backend, shape, options, layout, _clock),
             _ => throw new ArgumentOutOfRangeException(nameof(options), options.Scheme, "Unknown scheme."),
         };
     }
@@ -179,7 +178,9 @@ public sealed class SequenceParallelAttention : IDisposable
     }
 
     private static ShardLayout DefaultLayout(SequenceParallelOptions o) =>
-        o.Causal && o.Scheme is ParallelScheme.Lasp2 or ParallelScheme.AllGather or ParallelScheme.Ring ? ShardLayout.Zigzag : ShardLayout.Contiguous;
+        o.Causal && (o.Scheme is ParallelScheme.Lasp2 or ParallelScheme.AllGather or ParallelScheme.Ring
+            || (o.Scheme == ParallelScheme.Hybrid && (o.Attention == AttentionKind.Lightning || o.HybridSequenceScheme != ParallelScheme.Partial)))
+            ? ShardLayout.Zigzag : ShardLayout.Contiguous;
 
     private static void Validate(AttentionShape s, SequenceParallelOptions o)
     {

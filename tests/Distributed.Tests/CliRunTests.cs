@@ -21,6 +21,10 @@ public sealed class CliRunTests(ITestOutputHelper output)
         "--attention softmax --scheme allgather --no-causal",
         "--attention softmax --scheme ulysses",
         "--attention lightning --scheme ulysses --decay auto",
+        "--attention softmax --scheme partial",
+        "--attention softmax --scheme ring",
+        "--attention softmax --scheme hybrid --ulysses-degree 2 --hybrid-scheme ring",
+        "--attention lightning --scheme hybrid --ulysses-degree 2 --decay 0.95",
     };
 
     [Theory]
@@ -44,6 +48,9 @@ public sealed class CliRunTests(ITestOutputHelper output)
                 "--attention softmax --scheme allgather",
                 "--attention lightning --scheme lasp2 --no-causal --layout zigzag",
                 "--attention softmax --scheme ulysses",
+                "--attention softmax --scheme partial",
+                "--attention softmax --scheme ring",
+                "--attention lightning --scheme hybrid --ulysses-degree 2 --decay 0.95",
             })
                 data.Add(p, s);
         return data;

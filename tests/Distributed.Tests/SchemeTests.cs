@@ -18,7 +18,7 @@ public sealed class SchemeTests(ITestOutputHelper output)
     private const double Tolerance = 1e-4;
 
     public sealed record Case(string Name, AttentionKind Attention, ParallelScheme Scheme, bool Causal, ShardLayout? Layout, float[]? Decay,
-        int N = 100, int H = 4, int Hk = 2, int D = 16, int Dv = 24, int B = 1)
+        int N = 100, int H = 4, int Hk = 2, int D = 16, int Dv = 24, int B = 1, int Ph = 0, ParallelScheme Across = ParallelScheme.AllGather)
     {
         public override string ToString() => Name;
     }
@@ -40,6 +40,11 @@ public sealed class SchemeTests(ITestOutputHelper output)
         new("partial causal", AttentionKind.Softmax, ParallelScheme.Partial, true, null, null),
         new("partial causal zigzag B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Partial, true, ShardLayout.Zigzag, null, Hk: 1, B: 2),
         new("partial non-causal", AttentionKind.Softmax, ParallelScheme.Partial, false, null, null),
+        new("hybrid softmax Ph=2 × all-gather, causal", AttentionKind.Softmax, ParallelScheme.Hybrid, true, null, null, Ph: 2),
+        new("hybrid softmax Ph=2 × ring, KV 4/1 replicated", AttentionKind.Softmax, ParallelScheme.Hybrid, true, null, null, Hk: 1, Ph: 2, Across: ParallelScheme.Ring),
+        new("hybrid softmax Ph=2 × partial, non-causal", AttentionKind.Softmax, ParallelScheme.Hybrid, false, null, null, Ph: 2, Across: ParallelScheme.Partial),
+        new("hybrid softmax default Ph", AttentionKind.Softmax, ParallelScheme.Hybrid, true, null, null),
+        new("hybrid lightning Ph=2 × LASP-2, per-head λ", AttentionKind.Lightning, ParallelScheme.Hybrid, true, null, [1f, 0.99f, 0.9f, 0.5f], Ph: 2),
         new("ulysses softmax causal GQA 4/2", AttentionKind.Softmax, ParallelScheme.Ulysses, true, null, null),
         new("ulysses softmax non-causal, KV 4/1 replicated", AttentionKind.Softmax, ParallelScheme.Ulysses, false, null, null, Hk: 1),
         new("ulysses lightning causal per-head λ", AttentionKind.Lightning, ParallelScheme.Ulysses, true, null, [1f, 0.99f, 0.9f, 0.5f]),
@@ -47,7 +52,8 @@ public sealed class SchemeTests(ITestOutputHelper output)
     ];
 
     /// <summary>Schemes that split heads need H % P == 0; P = 3 is refused with the fix, for H = 4.</summary>
-    private static bool Refuses(Case c, int p) => c.Scheme == ParallelScheme.Ulysses && c.H % p != 0;
+    private static bool Refuses(Case c, int p) =>
+        (c.Scheme == ParallelScheme.Ulysses && c.H % p != 0) || (c.Scheme == ParallelScheme.Hybrid && c.Ph > 0 && p % c.Ph != 0);
 
     [Theory]
     [MemberData(nameof(Cases))]
@@ -78,7 +84,7 @@ public sealed class SchemeTests(ITestOutputHelper output)
             if (Refuses(c, p))
             {
                 var refused = Assert.Throws<RankFailedException>(() => RunDistributed(c, p, q, k, v, dO));
-                Assert.Contains("H % P == 0", refused.InnerException!.Message, StringComparison.Ordinal);
+                Assert.Contains(c.Scheme == ParallelScheme.Ulysses ? "H % P == 0" : "must divide", refused.InnerException!.Message, StringComparison.Ordinal);
                 errors[p] = 0;
                 continue;
             }
@@ -102,7 +108,11 @@ public sealed class SchemeTests(ITestOutputHelper output)
     private static Global RunDistributed(Case c, int ranks, double[] q, double[] k, double[] v, double[] dO)
     {
         var shape = new AttentionShape(c.B, c.N, c.H, c.Hk, c.D, c.Dv);
-        var options = new SequenceParallelOptions { Attention = c.Attention, Scheme = c.Scheme, Causal = c.Causal, Layout = c.Layout, Decay = c.Decay };
+        var options = new SequenceParallelOptions
+        {
+            Attention = c.Attention, Scheme = c.Scheme, Causal = c.Causal, Layout = c.Layout, Decay = c.Decay,
+            UlyssesDegree = c.Ph, HybridSequenceScheme = c.Across,
+        };
         var global = new Global(new float[o_len(c)], new float[q.Length], new float[k.Length], new float[v.Length]);
         InProcessCommunicator.Run(ranks, comm =>
         {

@@ -1,0 +1,126 @@
+using Distributed.Cluster;
+using Distributed.Kernels;
+
+namespace Distributed.Schemes;
+
+/// <summary>A tensor that moves between its sequence-sharded form <c>[B, Nloc, LocalHeads, Width]</c> and its
+/// head-sharded form <c>[B, N, heads/P, Width]</c>; <c>Expand</c> replicates KV heads to one per query head.</summary>
+internal readonly record struct HeadPart(DeviceTensor Local, int LocalHeads, DeviceTensor Heads, int Width, bool Expand);
+
+/// <summary>
+/// The Ulysses all-to-all over one communicator: sequence shards (any token ranges per rank, uneven allowed,
+/// padded to the longest) to head shards over the whole (sub)sequence, and back. Several tensors travel in
+/// one all-to-all. Used by <see cref="UlyssesAttention"/> and, inside head groups, by <see cref="HybridAttention"/>.
+/// </summary>
+internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batch, int seqLen, IReadOnlyList<(int Start, int Count)>[] rankRanges, int kvGroup)
+{
+    private readonly int[] _tokens = rankRanges.Select(rs => rs.Sum(x => x.Count)).ToArray();
+    private readonly int _p = comm.Size;
+    private float[] _send = [], _receive = [];
+
+    private int MaxTokens => _tokens.Max();
+
+    /// <summary>One all-to-all: block s of every rank carries its tokens of rank s's heads, for every part.</summary>
+    public void ToHeads(HeadPart[] parts)
+    {
+        clock.Communicate(() =>
+        {
+            int b = batch, mine = _tokens[comm.Rank];
+            int block = parts.Sum(pt => b * MaxTokens * HeadsPerRank(pt) * pt.Width);
+            Grow(ref _send, (long)block * _p);
+            Grow(ref _receive, (long)block * _p);
+            int partOffset = 0;
+            foreach (var pt in parts)
+            {
+                var local = new float[pt.Local.Length];
+                pt.Local.CopyToHost(local);
+                int hs = HeadsPerRank(pt), w = pt.Width;
+                for (int s = 0; s < _p; s++)
+                {
+                    int dst = s * block + partOffset;
+                    for (int bb = 0; bb < b; bb++)
+                        for (int t = 0; t < mine; t++)
+                            for (int h = 0; h < hs; h++)
+                            {
+                                int gh = s * hs + h, src = pt.Expand ? gh / kvGroup : gh;
+                                local.AsSpan(((bb * mine + t) * pt.LocalHeads + src) * w, w)
+                                    .CopyTo(_send.AsSpan(dst + ((bb * MaxTokens + t) * hs + h) * w, w));
+                            }
+                }
+                partOffset += b * MaxTokens * hs * w;
+            }
+            comm.AllToAll(_send.AsSpan(0, block * _p), _receive.AsSpan(0, block * _p));
+            partOffset = 0;
+            foreach (var pt in parts)
+            {
+                int hs = HeadsPerRank(pt), w = pt.Width, row = hs * w;
+                var global = new float[(long)b * seqLen * row];
+                for (int r = 0; r < _p; r++)
+                {
+                    int t = _tokens[r];
+                    var blockRows = new float[(long)b * t * row];
+                    for (int bb = 0; bb < b; bb++)
+                        _receive.AsSpan(r * block + partOffset + bb * MaxTokens * row, t * row).CopyTo(blockRows.AsSpan(bb * t * row, t * row));
+                    Sharding.PutLocal(blockRows, global, b, seqLen, row, rankRanges[r]);
+                }
+                pt.Heads.CopyFromHost(global);
+                partOffset += b * MaxTokens * row;
+            }
+        });
+    }
+
+    /// <summary>The inverse: one all-to-all back to sequence shards (replicated KV gradients summed back).</summary>
+    public void ToSequence(HeadPart[] parts)
+    {
+        clock.Communicate(() =>
+        {
+            int b = batch, mine = _tokens[comm.Rank];
+            int block = parts.Sum(pt => b * MaxTokens * HeadsPerRank(pt) * pt.Width);
+            Grow(ref _send, (long)block * _p);
+            Grow(ref _receive, (long)block * _p);
+            int partOffset = 0;
+            foreach (var pt in parts)
+            {
+                int hs = HeadsPerRank(pt), w = pt.Width, row = hs * w;
+                var global = new float[pt.Heads.Length];
+                pt.Heads.CopyToHost(global);
+                for (int r = 0; r < _p; r++)
+                {
+                    int t = _tokens[r];
+                    var rows = new float[(long)b * t * row];
+                    Sharding.TakeLocal(global, rows, b, seqLen, row, rankRanges[r]);
+                    for (int bb = 0; bb < b; bb++)
+                        rows.AsSpan(bb * t * row, t * row).CopyTo(_send.AsSpan(r * block + partOffset + bb * MaxTokens * row, t * row));
+                }
+                partOffset += b * MaxTokens * row;
+            }
+            comm.AllToAll(_send.AsSpan(0, block * _p), _receive.AsSpan(0, block * _p));
+            partOffset = 0;
+            foreach (var pt in parts)
+            {
+                int hs = HeadsPerRank(pt), w = pt.Width;
+                var local = new float[pt.Local.Length];
+                for (int s = 0; s < _p; s++)
+                    for (int bb = 0; bb < b; bb++)
+                        for (int t = 0; t < mine; t++)
+                            for (int h = 0; h < hs; h++)
+                            {
+                                int gh = s * hs + h, dst = pt.Expand ? gh / kvGroup : gh;
+                                var from = _receive.AsSpan(s * block + partOffset + ((bb * MaxTokens + t) * hs + h) * w, w);
+                                var to = local.AsSpan(((bb * mine + t) * pt.LocalHeads + dst) * w, w);
+                                if (pt.Expand) for (int e = 0; e < w; e++) to[e] += from[e];
+                                else from.CopyTo(to);
+                            }
+                pt.Local.CopyFromHost(local);
+                partOffset += b * MaxTokens * hs * w;
+            }
+        });
+    }
+
+    private static int HeadsPerRank(HeadPart pt) => pt.Heads.Shape[2];
+
+    private static void Grow(ref float[] buffer, long length)
+    {
+        if (buffer.Length < length) buffer = new float[length];
+    }
+}

@@ -1,0 +1,117 @@
+using Distributed.Cluster;
+using Distributed.Kernels;
+
+namespace Distributed.Schemes;
+
+/// <summary>
+/// 2-D parallelism, <c>P = Ph × Ps</c>, built from two communicator splits. The sequence is first cut over
+/// the Ps head groups by the sequence scheme's layout (zigzag for causal); inside a group of Ph ranks,
+/// Ulysses all-to-alls turn the group's tokens × all heads into all the group's tokens × H/Ph heads.
+/// Across groups, the Ps ranks that hold the same heads run the sequence scheme on them: LASP-2 for
+/// lightning, all-gather KV, ring or partial states for softmax. Backward mirrors it.
+/// </summary>
+internal sealed class HybridAttention : IScheme
+{
+    private readonly ICommunicator _groupComm, _sequenceComm;
+    private readonly IScheme _inner;
+    private readonly HeadShuffle _shuffle;
+    private readonly AttentionShape _s;
+    private readonly int _hl, _kvl;
+    private readonly bool _expand;
+    private readonly DeviceTensor _q, _k, _v, _o, _dO, _dQ, _dK, _dV;
+
+    public HybridAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
+    {
+        int p = comm.Size;
+        int ph = options.UlyssesDegree > 0 ? options.UlyssesDegree : Enumerable.Range(1, p).Where(d => p % d == 0 && shape.Heads % d == 0).Max();
+        if (p % ph != 0 || shape.Heads % ph != 0)
+            throw new ArgumentException($"The Ulysses degree Ph = {ph} must divide both P = {p} and H = {shape.Heads}; valid choices: {string.Join(", ", Enumerable.Range(1, p).Where(d => p % d == 0 && shape.Heads % d == 0))}.", nameof(options));
+        int ps = p / ph;
+        _s = shape;
+        // Ranks g·Ph … g·Ph+Ph−1 form head group g; ranks with the same index inside their group share heads.
+        _groupComm = comm.Split(comm.Rank / ph, comm.Rank % ph);
+        _sequenceComm = comm.Split(comm.Rank % ph, comm.Rank / ph);
+        _hl = shape.Heads / ph;
+        _expand = shape.KvHeads % ph != 0;
+        _kvl = _expand ? _hl : shape.KvHeads / ph;
+        int slice = _groupComm.Rank;
+        var innerShape = shape with { Heads = _hl, KvHeads = _kvl };
+        var innerScheme = options.Attention == AttentionKind.Lightning ? ParallelScheme.Lasp2 : options.HybridSequenceScheme;
+        if (innerScheme is ParallelScheme.Ulysses or ParallelScheme.Hybrid or ParallelScheme.Lasp2 && options.Attention == AttentionKind.Softmax)
+            throw new ArgumentException($"The hybrid's sequence scheme must be AllGather, Ring or Partial for softmax (got {innerScheme}).", nameof(options));
+        var innerOptions = options with
+        {
+            Scheme = innerScheme,
+            Decay = options.Decay?.Skip(slice * _hl).Take(_hl).ToArray(),
+            Layout = layout,
+        };
+        _inner = innerScheme switch
+        {
+            ParallelScheme.Lasp2 => new LaspLinearAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
+            ParallelScheme.AllGather => new AllGatherSoftmaxAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
+            ParallelScheme.Ring => new RingSoftmaxAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
+            _ => new PartialSoftmaxAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
+        };
+        // The group's tokens (in the sequence scheme's local order) are split contiguously over its Ph ranks.
+        var groupRanges = _inner.Ranges;
+        int groupTokens = groupRanges.Sum(r => r.Count);
+        if (groupTokens < ph)
+            throw new ArgumentException($"Each head group holds {groupTokens} tokens, fewer than its {ph} ranks; use a longer sequence or a smaller Ulysses degree.", nameof(shape));
+        var virtualRanges = Enumerable.Range(0, ph).Select(r => Sharding.Ranges(groupTokens, ph, r, ShardLayout.Contiguous)).ToArray();
+        _shuffle = new HeadShuffle(_groupComm, clock, shape.Batch, groupTokens, virtualRanges, shape.Heads / shape.KvHeads);
+        Ranges = ToGlobal(virtualRanges[_groupComm.Rank][0], groupRanges);
+        int b = shape.Batch;
+        _q = backend.Allocate(b, groupTokens, _hl, shape.HeadDim);
+        _k = backend.Allocate(b, groupTokens, _kvl, shape.HeadDim);
+        _v = backend.Allocate(b, groupTokens, _kvl, shape.ValueDim);
+        _o = backend.Allocate(b, groupTokens, _hl, shape.ValueDim);
+        _dO = backend.Allocate(b, groupTokens, _hl, shape.ValueDim);
+        _dQ = backend.Allocate(b, groupTokens, _hl, shape.HeadDim);
+        _dK = backend.Allocate(b, groupTokens, _kvl, shape.HeadDim);
+        _dV = backend.Allocate(b, groupTokens, _kvl, shape.ValueDim);
+    }
+
+    public IReadOnlyList<(int Start, int Count)> Ranges { get; }
+
+    /// <summary>Maps [start, start+count) of the group's concatenated ranges to global token ranges.</summary>
+    private static List<(int Start, int Count)> ToGlobal((int Start, int Count) local, IReadOnlyList<(int Start, int Count)> groupRanges)
+    {
+        var result = new List<(int, int)>();
+        int offset = 0, from = local.Start, end = local.Start + local.Count;
+        foreach (var (start, count) in groupRanges)
+        {
+            int lo = Math.Max(from, offset), hi = Math.Min(end, offset + count);
+            if (lo < hi) result.Add((start + lo - offset, hi - lo));
+            offset += count;
+        }
+        return result;
+    }
+
+    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    {
+        _shuffle.ToHeads([
+            new HeadPart(q, _s.Heads, _q, _s.HeadDim, false),
+            new HeadPart(k, _s.KvHeads, _k, _s.HeadDim, _expand),
+            new HeadPart(v, _s.KvHeads, _v, _s.ValueDim, _expand)]);
+        _inner.Forward(_q, _k, _v, _o);
+        _shuffle.ToSequence([new HeadPart(o, _s.Heads, _o, _s.ValueDim, false)]);
+    }
+
+    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    {
+        _shuffle.ToHeads([new HeadPart(dO, _s.Heads, _dO, _s.ValueDim, false)]);
+        _inner.Backward(_dO, _dQ, _dK, _dV);
+        _shuffle.ToSequence([
+            new HeadPart(dQ, _s.Heads, _dQ, _s.HeadDim, false),
+            new HeadPart(dK, _s.KvHeads, _dK, _s.HeadDim, _expand),
+            new HeadPart(dV, _s.KvHeads, _dV, _s.ValueDim, _expand)]);
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in new[] { _q, _k, _v, _o, _dO, _dQ, _dK, _dV }) t.Dispose();
+        _inner.Dispose();
+        _groupComm.Dispose();
+        _sequenceComm.Dispose();
+    }
+}
