@@ -15,6 +15,8 @@ public sealed class CpuBackend : IKernelBackend
         Threads = threads == 0 ? Environment.ProcessorCount : threads;
     }
 
+    private readonly PinnedBuffer _keysTransposed = new();
+
     /// <summary>Worker threads per operation.</summary>
     public int Threads { get; }
 
@@ -55,7 +57,9 @@ public sealed class CpuBackend : IKernelBackend
         var x = AttentionDims.FromQkv(q, k, v);
         AttentionDims.Expect(o, nameof(o), x.B, x.Nq, x.H, x.Dv);
         AttentionDims.Expect(lse, nameof(lse), x.B, x.H, x.Nq);
-        CpuFlashAttention.Forward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(o, nameof(o)), Cpu(lse, nameof(lse)), x, options, Threads);
+        // The shared Kᵀ buffer makes two concurrent forwards on one backend unsafe; serialise them.
+        lock (_keysTransposed)
+            CpuFlashAttention.Forward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(o, nameof(o)), Cpu(lse, nameof(lse)), x, options, Threads, _keysTransposed);
     }
 
     /// <inheritdoc/>

@@ -14,17 +14,30 @@ internal static unsafe class CpuFlashAttention
     private const float Log2E = 1.4426950408889634f;
     private const float Ln2 = 0.6931471805599453f;
 
-    public static void Forward(CpuTensor q, CpuTensor k, CpuTensor v, CpuTensor o, CpuTensor lse, AttentionDims x, in FlashOptions opt, int threads)
+    public static void Forward(CpuTensor q, CpuTensor k, CpuTensor v, CpuTensor o, CpuTensor lse, AttentionDims x, in FlashOptions opt, int threads, PinnedBuffer keysTransposed)
     {
         int qTiles = (x.Nq + T - 1) / T;
         int tasks = x.B * x.H * qTiles;
         var options = opt;
         float c = opt.ScaleFor(x.D) * Log2E;
         float* Q = q.Pointer, K = k.Pointer, V = v.Pointer, O = o.Pointer, L = lse.Pointer;
+        // K and V packed once per call into contiguous 64-key tiles, [B, Hk, tiles, D, 64] (Kᵀ) and
+        // [B, Hk, tiles, 64, DvP], zero-padded: every query tile reads them with short strides.
+        int kTiles = (x.Nk + T - 1) / T, DvP = CpuMath.Pad(x.Dv);
+        long ktTile = (long)x.D * T, vTileSize = (long)T * DvP;
+        float* KT = keysTransposed.Get((long)x.B * x.Hk * kTiles * (ktTile + vTileSize));
+        float* VP = KT + (long)x.B * x.Hk * kTiles * ktTile;
+        CpuParallel.For(x.B * x.Hk * kTiles, threads, t =>
+        {
+            int jt = t % kTiles, bhk = t / kTiles, b = bhk / x.Hk, hk = bhk % x.Hk;
+            int tl = Math.Min(T, x.Nk - jt * T);
+            LoadKeyTileTransposed(K, x, b, hk, jt * T, tl, KT + t * ktTile);
+            LoadRows(V, x.Nk, x.Hk, x.Dv, b, hk, jt * T, tl, DvP, VP + t * vTileSize);
+        });
         CpuParallel.For(tasks, threads, t =>
         {
             int qt = t % qTiles, bh = t / qTiles, h = bh % x.H, b = bh / x.H;
-            ForwardTile(Q, K, V, O, L, x, options, c, b, h, qt * T);
+            ForwardTile(Q, KT, VP, kTiles, O, L, x, options, c, b, h, qt * T);
         }, options.Causal ? HeaviestLastTileFirst(x.B * x.H, qTiles) : null);
     }
 
@@ -38,7 +51,7 @@ internal static unsafe class CpuFlashAttention
         return order;
     }
 
-    private static void ForwardTile(float* Q, float* K, float* V, float* O, float* L, AttentionDims x, in FlashOptions opt, float c, int b, int h, int i0)
+    private static void ForwardTile(float* Q, float* KT, float* VP, int kTiles, float* O, float* L, AttentionDims x, in FlashOptions opt, float c, int b, int h, int i0)
     {
         int D = x.D, Dv = x.Dv, DvP = CpuMath.Pad(Dv), hk = h / x.Group;
         int rows = Math.Min(T, x.Nq - i0);
@@ -57,16 +70,16 @@ internal static unsafe class CpuFlashAttention
         for (int j0 = 0; j0 < jEnd; j0 += T)
         {
             int tl = Math.Min(T, x.Nk - j0);
-            LoadKeyTileTransposed(K, x, b, hk, j0, tl, kt);
-            LoadRows(V, x.Nk, x.Hk, Dv, b, hk, j0, tl, DvP, vt);
-            CpuMath.Gemm(rows, T, D, qs, 1, D, kt, T, s, T, false);
+            long tile = ((long)b * x.Hk + hk) * kTiles + j0 / T;
+            float* ktTile = KT + tile * D * T, vTile = VP + tile * T * DvP;
+            CpuMath.Gemm(rows, T, D, qs, 1, D, ktTile, T, s, T, false);
             for (int r = 0; r < rows; r++)
             {
                 int valid = opt.Causal ? (int)Math.Clamp(opt.QueryOffset + i0 + r - opt.KeyOffset - j0 + 1, 0, tl) : tl;
                 float alpha = SoftmaxRow(s + r * T, valid, ref m[r], ref l[r]);
                 if (alpha != 1f) CpuMath.Scale(acc + r * DvP, DvP, alpha);
             }
-            CpuMath.Gemm(rows, DvP, tl, s, 1, T, vt, DvP, acc, DvP, true);
+            CpuMath.Gemm(rows, DvP, tl, s, 1, T, vTile, DvP, acc, DvP, true);
         }
         for (int r = 0; r < rows; r++)
         {
@@ -96,8 +109,23 @@ internal static unsafe class CpuFlashAttention
             new Span<float>(s, T).Clear();
             return 1f;
         }
+        // Masked keys become -inf, so they drop out of the max and their exp2 is exactly 0.
+        for (int j = valid; j < T; j++) s[j] = float.NegativeInfinity;
         float rowMax = float.NegativeInfinity;
-        for (int j = 0; j < valid; j++) rowMax = MathF.Max(rowMax, s[j]);
+        if (CpuMath.UseVector256 && !CpuMath.UseVector512)
+        {
+            var mv = Vector256.Load(s);
+            for (int j = 8; j < T; j += 8) mv = Vector256.Max(mv, Vector256.Load(s + j));
+            for (int e = 0; e < 8; e++) rowMax = MathF.Max(rowMax, mv.GetElement(e));
+        }
+        else if (CpuMath.UseVector512)
+        {
+            var mv = Vector512.Load(s);
+            for (int j = 16; j < T; j += 16) mv = Vector512.Max(mv, Vector512.Load(s + j));
+            for (int e = 0; e < 16; e++) rowMax = MathF.Max(rowMax, mv.GetElement(e));
+        }
+        else
+            for (int j = 0; j < valid; j++) rowMax = MathF.Max(rowMax, s[j]);
         float mNew = MathF.Max(m, rowMax);
         float alpha = float.IsNegativeInfinity(m) ? 0f : CpuMath.Exp2(m - mNew);
         float sum = 0f;

@@ -44,3 +44,21 @@ internal static unsafe class CpuParallel
         return (float*)_scratchPtr;
     }
 }
+
+/// <summary>A grow-only pinned buffer owned by one backend (so concurrent in-process ranks never share it).</summary>
+internal sealed unsafe class PinnedBuffer
+{
+    private float[]? _data;
+    private float* _pointer;
+
+    /// <summary>At least <paramref name="floats"/> floats, reused from call to call (contents undefined).</summary>
+    public float* Get(long floats)
+    {
+        if (_data is null || _data.Length < floats)
+        {
+            _data = GC.AllocateUninitializedArray<float>((int)Math.Max(floats, 1024), pinned: true);
+            _pointer = (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_data));
+        }
+        return _pointer;
+    }
+}
