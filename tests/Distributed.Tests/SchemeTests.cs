@@ -201,6 +201,19 @@ public sealed class SchemeTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void Hybrid_SubGroupTrafficShowsOnTheCallersCounters()
+    {
+        // H = 2 on 4 ranks: Ph = 2, Ps = 2. Each pass is one Ulysses all-to-all each way in the head group
+        // plus the LASP-2 all-gather across groups; all of it must reach the caller's counters.
+        var c = CountOneStep(AttentionKind.Lightning, ParallelScheme.Hybrid, 256, h: 2);
+        Assert.Equal(2, c[CommOp.AllGather].Calls);
+        Assert.Equal(4, c[CommOp.AllToAll].Calls);
+        // One head per rank after the shuffle: two [1,1,16,16] zigzag states per pass.
+        Assert.Equal(2 * 2 * 16 * 16 * sizeof(float), c[CommOp.AllGather].BytesSent);
+        Assert.True(c[CommOp.AllToAll].BytesSent > 0);
+    }
+
+    [Fact]
     public void PartialStates_BytesIndependentOfKvLength()
     {
         // The same 2 new tokens against a 4K and a 64K cache: the partial states exchanged are the same size.

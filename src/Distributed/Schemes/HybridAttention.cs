@@ -12,7 +12,7 @@ namespace Distributed.Schemes;
 /// </summary>
 internal sealed class HybridAttention : IScheme
 {
-    private readonly ICommunicator _groupComm, _sequenceComm;
+    private readonly ICommunicator _comm, _groupComm, _sequenceComm;
     private readonly IScheme _inner;
     private readonly HeadShuffle _shuffle;
     private readonly AttentionShape _s;
@@ -28,6 +28,7 @@ internal sealed class HybridAttention : IScheme
             throw new ArgumentException($"The Ulysses degree Ph = {ph} must divide both P = {p} and H = {shape.Heads}; valid choices: {string.Join(", ", Enumerable.Range(1, p).Where(d => p % d == 0 && shape.Heads % d == 0))}.", nameof(options));
         int ps = p / ph;
         _s = shape;
+        _comm = comm;
         // Ranks g·Ph … g·Ph+Ph−1 form head group g; ranks with the same index inside their group share heads.
         _groupComm = comm.Split(comm.Rank / ph, comm.Rank % ph);
         _sequenceComm = comm.Split(comm.Rank % ph, comm.Rank / ph);
@@ -87,7 +88,30 @@ internal sealed class HybridAttention : IScheme
         return result;
     }
 
-    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o) => Mirrored(() => ForwardCore(q, k, v, o));
+
+    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV) => Mirrored(() => BackwardCore(dO, dQ, dK, dV));
+
+    /// <summary>
+    /// The traffic runs on the two split groups, whose counters the caller never sees; their calls and
+    /// bytes are added to the caller's communicator so "bytes per rank" stays true for the hybrid.
+    /// </summary>
+    private void Mirrored(Action step)
+    {
+        var before = new[] { _groupComm.Counters.Snapshot(), _sequenceComm.Counters.Snapshot() };
+        step();
+        var after = new[] { _groupComm.Counters.Snapshot(), _sequenceComm.Counters.Snapshot() };
+        for (int g = 0; g < 2; g++)
+            foreach (var (op, now) in after[g])
+            {
+                var was = before[g].TryGetValue(op, out var c) ? c : default;
+                long calls = now.Calls - was.Calls;
+                for (long i = 0; i < calls; i++)
+                    _comm.Counters.Record(op, i == 0 ? now.BytesSent - was.BytesSent : 0, i == 0 ? now.BytesReceived - was.BytesReceived : 0);
+            }
+    }
+
+    private void ForwardCore(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
         _shuffle.ToHeads([
             new HeadPart(q, _s.Heads, _q, _s.HeadDim, false),
@@ -97,7 +121,7 @@ internal sealed class HybridAttention : IScheme
         _shuffle.ToSequence([new HeadPart(o, _s.Heads, _o, _s.ValueDim, false)]);
     }
 
-    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    private void BackwardCore(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
     {
         _shuffle.ToHeads([new HeadPart(dO, _s.Heads, _dO, _s.ValueDim, false)]);
         _inner.Backward(_dO, _dQ, _dK, _dV);
