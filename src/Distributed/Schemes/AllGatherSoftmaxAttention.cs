@@ -88,14 +88,14 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
         {
             int b = _s.Batch, n = _s.SeqLen;
             int mine = _rankTokens[_comm.Rank];
-            Grow(ref _kvSend, (long)b * mine * (_kRow + _vRow));
+            HostBuffer.Grow(ref _kvSend, (long)b * mine * (_kRow + _vRow));
             k.CopyToHost(_kvSend.AsSpan(0, b * mine * _kRow));
             v.CopyToHost(_kvSend.AsSpan(b * mine * _kRow, b * mine * _vRow));
             var counts = _rankTokens.Select(t => b * t * (_kRow + _vRow)).ToArray();
-            Grow(ref _kvGathered, counts.Sum(c => (long)c));
+            HostBuffer.Grow(ref _kvGathered, counts.Sum(c => (long)c));
             _comm.AllGatherVariable(_kvSend.AsSpan(0, counts[_comm.Rank]), _kvGathered.AsSpan(0, counts.Sum()), counts);
-            Grow(ref _kGlobal, (long)b * n * _kRow);
-            Grow(ref _vGlobal, (long)b * n * _vRow);
+            HostBuffer.Grow(ref _kGlobal, (long)b * n * _kRow);
+            HostBuffer.Grow(ref _vGlobal, (long)b * n * _vRow);
             int offset = 0;
             for (int r = 0; r < _comm.Size; r++)
             {
@@ -119,8 +119,8 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
             int block = b * maxTokens * (_kRow + _vRow); // equal blocks: shorter shards are zero-padded
             _dK.CopyToHost(_kGlobal.AsSpan(0, b * n * _kRow));
             _dV.CopyToHost(_vGlobal.AsSpan(0, b * n * _vRow));
-            Grow(ref _scatterSend, (long)block * _comm.Size);
-            Grow(ref _scatterReceive, block);
+            HostBuffer.Grow(ref _scatterSend, (long)block * _comm.Size);
+            HostBuffer.Grow(ref _scatterReceive, block);
             Array.Clear(_scatterSend, 0, block * _comm.Size);
             for (int r = 0; r < _comm.Size; r++)
             {
@@ -135,10 +135,6 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
         });
     }
 
-    private static void Grow(ref float[] buffer, long length)
-    {
-        if (buffer.Length < length) buffer = new float[length];
-    }
 
     public void Dispose()
     {

@@ -27,8 +27,8 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
         {
             int b = batch, mine = _tokens[comm.Rank];
             int block = parts.Sum(pt => b * MaxTokens * HeadsPerRank(pt) * pt.Width);
-            Grow(ref _send, (long)block * _p);
-            Grow(ref _receive, (long)block * _p);
+            HostBuffer.Grow(ref _send, (long)block * _p);
+            HostBuffer.Grow(ref _receive, (long)block * _p);
             int partOffset = 0;
             foreach (var pt in parts)
             {
@@ -76,8 +76,8 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
         {
             int b = batch, mine = _tokens[comm.Rank];
             int block = parts.Sum(pt => b * MaxTokens * HeadsPerRank(pt) * pt.Width);
-            Grow(ref _send, (long)block * _p);
-            Grow(ref _receive, (long)block * _p);
+            HostBuffer.Grow(ref _send, (long)block * _p);
+            HostBuffer.Grow(ref _receive, (long)block * _p);
             int partOffset = 0;
             foreach (var pt in parts)
             {
@@ -119,8 +119,4 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
 
     private static int HeadsPerRank(HeadPart pt) => pt.Heads.Shape[2];
 
-    private static void Grow(ref float[] buffer, long length)
-    {
-        if (buffer.Length < length) buffer = new float[length];
-    }
 }

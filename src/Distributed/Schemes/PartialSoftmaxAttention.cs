@@ -76,11 +76,11 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _clock.Communicate(() =>
         {
             int oBlock = b * _maxTokens * _oRow, lBlock = b * h * _maxTokens, block = oBlock + lBlock;
-            Grow(ref _a, (long)b * n * _oRow);
-            Grow(ref _b, (long)b * h * n);
+            HostBuffer.Grow(ref _a, (long)b * n * _oRow);
+            HostBuffer.Grow(ref _b, (long)b * h * n);
             _oPart.CopyToHost(_a.AsSpan(0, b * n * _oRow));
             _lsePart.CopyToHost(_b.AsSpan(0, b * h * n));
-            Grow(ref _c, 2L * block * _comm.Size);
+            HostBuffer.Grow(ref _c, 2L * block * _comm.Size);
             var send = _c.AsSpan(0, block * _comm.Size);
             for (int s = 0; s < _comm.Size; s++)
             {
@@ -132,9 +132,9 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _clock.Communicate(() =>
         {
             int block = b * _maxTokens * _qRow;
-            Grow(ref _a, (long)b * n * _qRow);
+            HostBuffer.Grow(ref _a, (long)b * n * _qRow);
             _dQAll.CopyToHost(_a.AsSpan(0, b * n * _qRow));
-            Grow(ref _c, (long)block * (_comm.Size + 1));
+            HostBuffer.Grow(ref _c, (long)block * (_comm.Size + 1));
             var send = _c.AsSpan(0, block * _comm.Size);
             send.Clear();
             for (int s = 0; s < _comm.Size; s++)
@@ -158,15 +158,15 @@ internal sealed class PartialSoftmaxAttention : IScheme
             int PerRank(int t) => rows.Sum(x => b * t * x.Row) + statCount * b * h * t;
             var counts = _tokens.Select(PerRank).ToArray();
             int mine = _tokens[_comm.Rank];
-            Grow(ref _a, counts[_comm.Rank]);
+            HostBuffer.Grow(ref _a, counts[_comm.Rank]);
             int off = 0;
             foreach (var (local, row) in rows) { local.CopyToHost(_a.AsSpan(off, b * mine * row)); off += b * mine * row; }
             for (int i = 0; i < statCount; i++) { stats![i].CopyToHost(_a.AsSpan(off, b * h * mine)); off += b * h * mine; }
-            Grow(ref _b, counts.Sum(x => (long)x));
+            HostBuffer.Grow(ref _b, counts.Sum(x => (long)x));
             _comm.AllGatherVariable(_a.AsSpan(0, counts[_comm.Rank]), _b.AsSpan(0, counts.Sum()), counts);
             long need = rows.Max(x => (long)b * n * x.Row);
             if (statCount > 0) need = Math.Max(need, (long)b * h * n);
-            Grow(ref _c, need);
+            HostBuffer.Grow(ref _c, need);
             for (int g = 0; g < rows.Length + statCount; g++)
             {
                 bool stat = g >= rows.Length;
@@ -185,10 +185,6 @@ internal sealed class PartialSoftmaxAttention : IScheme
         });
     }
 
-    private static void Grow(ref float[] buffer, long length)
-    {
-        if (buffer.Length < length) buffer = new float[length];
-    }
 
     /// <summary>
     /// One decode step against a KV cache sharded over ranks: q <c>[B, Nq, H, D]</c> is the same on every rank

@@ -81,7 +81,7 @@ internal sealed class RingSoftmaxAttention : IScheme
                 int incoming = ((owner - 1) % p + p) % p;
                 _clock.Communicate(() =>
                 {
-                    Grow(ref _next, Message(incoming, false));
+                    HostBuffer.Grow(ref _next, Message(incoming, false));
                     pending = _comm.StartSendRecv(_current.AsMemory(0, Message(owner, false)), Next, _next.AsMemory(0, Message(incoming, false)), Prev);
                 });
             }
@@ -138,7 +138,7 @@ internal sealed class RingSoftmaxAttention : IScheme
             {
                 Pack(block[0], block[1], block[2], block[3], owner, true, ref _current);
                 int incoming = ((owner - 1) % p + p) % p;
-                Grow(ref _next, Message(incoming, true));
+                HostBuffer.Grow(ref _next, Message(incoming, true));
                 _comm.SendRecv(_current.AsSpan(0, Message(owner, true)), Next, _next.AsSpan(0, Message(incoming, true)), Prev);
                 (_current, _next) = (_next, _current);
             });
@@ -224,7 +224,7 @@ internal sealed class RingSoftmaxAttention : IScheme
     {
         int tokens = _tokens[owner], b = _s.Batch;
         int kLen = b * tokens * _kRow, vLen = b * tokens * _vRow;
-        Grow(ref message, Message(owner, withGradients));
+        HostBuffer.Grow(ref message, Message(owner, withGradients));
         k.CopyToHost(message.AsSpan(0, kLen));
         v.CopyToHost(message.AsSpan(kLen, vLen));
         if (!withGradients) return;
@@ -236,10 +236,6 @@ internal sealed class RingSoftmaxAttention : IScheme
         }
     }
 
-    private static void Grow(ref float[] buffer, long length)
-    {
-        if (buffer.Length < length) buffer = new float[length];
-    }
 
     public void Dispose()
     {
