@@ -492,7 +492,15 @@ public sealed class IlgpuBackend : IKernelBackend
         var view = Scratch(ref _lnDecay, ln.Length);
         // A queued kernel may still read the previous values.
         _accelerator.Synchronize();
-        view.CopyFromCPU(ref ln[0], ln.Length);
+        // Pinned until the copy completes: ILGPU takes a raw pointer from the ref.
+        unsafe
+        {
+            fixed (float* pinned = ln)
+            {
+                view.CopyFromCPU(ref *pinned, ln.Length);
+                _accelerator.Synchronize();
+            }
+        }
         _lastDecay = decay.ToArray();
         return view;
     }

@@ -8,7 +8,7 @@ namespace Distributed.Kernels.Ilgpu;
 /// A tensor held in one ILGPU device buffer (fp32, row-major). It stays on the device between
 /// operations; only <see cref="CopyFromHost"/> and <see cref="CopyToHost"/> cross to host memory.
 /// </summary>
-public sealed class IlgpuTensor : DeviceTensor
+public sealed unsafe class IlgpuTensor : DeviceTensor
 {
     private readonly MemoryBuffer1D<float, Stride1D.Dense> _buffer;
 
@@ -33,7 +33,13 @@ public sealed class IlgpuTensor : DeviceTensor
         if (source.IsEmpty) return;
         // Kernels are queued; a plain host copy does not wait for one still reading or writing this buffer.
         Accelerator.Synchronize();
-        _buffer.View.SubView(offset, source.Length).CopyFromCPU(ref MemoryMarshal.GetReference(source), source.Length);
+        // ILGPU takes a raw pointer from the ref: pin the host memory until the copy has completed,
+        // or a garbage collection that moves the array makes it copy garbage.
+        fixed (float* pinned = source)
+        {
+            _buffer.View.SubView(offset, source.Length).CopyFromCPU(ref *pinned, source.Length);
+            Accelerator.Synchronize();
+        }
     }
 
     /// <inheritdoc/>
@@ -42,7 +48,11 @@ public sealed class IlgpuTensor : DeviceTensor
         CheckRange(destination.Length, offset, nameof(destination));
         if (destination.IsEmpty) return;
         Accelerator.Synchronize();
-        _buffer.View.SubView(offset, destination.Length).CopyToCPU(ref MemoryMarshal.GetReference(destination), destination.Length);
+        fixed (float* pinned = destination)
+        {
+            _buffer.View.SubView(offset, destination.Length).CopyToCPU(ref *pinned, destination.Length);
+            Accelerator.Synchronize();
+        }
     }
 
     /// <inheritdoc/>
