@@ -22,6 +22,14 @@ public static class Sharding
             : [Chunk(seqLen, chunks, rank)];
     }
 
+    /// <summary>The ranges of every rank, indexed by rank (what each scheme needs to place other ranks' rows).</summary>
+    internal static IReadOnlyList<(int Start, int Count)>[] AllRanges(int seqLen, int ranks, ShardLayout layout) =>
+        Enumerable.Range(0, ranks).Select(r => Ranges(seqLen, ranks, r, layout)).ToArray();
+
+    /// <summary>Tokens per rank: Σ of each rank's range counts.</summary>
+    internal static int[] TokenCounts(IReadOnlyList<(int Start, int Count)>[] rankRanges) =>
+        rankRanges.Select(rs => rs.Sum(x => x.Count)).ToArray();
+
     /// <summary>Chunk <paramref name="index"/> of <paramref name="chunks"/> equal-as-possible chunks of N tokens.</summary>
     public static (int Start, int Count) Chunk(int seqLen, int chunks, int index)
     {

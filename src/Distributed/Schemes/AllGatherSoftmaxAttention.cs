@@ -33,8 +33,8 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
         _s = shape;
         _clock = clock;
         _options = new FlashOptions(0, 0, options.Causal, options.Scale);
-        _rankRanges = Enumerable.Range(0, comm.Size).Select(r => Sharding.Ranges(shape.SeqLen, comm.Size, r, layout)).ToArray();
-        _rankTokens = _rankRanges.Select(rs => rs.Sum(x => x.Count)).ToArray();
+        _rankRanges = Sharding.AllRanges(shape.SeqLen, comm.Size, layout);
+        _rankTokens = Sharding.TokenCounts(_rankRanges);
         Ranges = _rankRanges[comm.Rank];
         _local = new LocalChunks(backend, Ranges);
         _kRow = shape.KvHeads * shape.HeadDim;

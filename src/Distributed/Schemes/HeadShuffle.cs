@@ -14,7 +14,7 @@ internal readonly record struct HeadPart(DeviceTensor Local, int LocalHeads, Dev
 /// </summary>
 internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batch, int seqLen, IReadOnlyList<(int Start, int Count)>[] rankRanges, int kvGroup)
 {
-    private readonly int[] _tokens = rankRanges.Select(rs => rs.Sum(x => x.Count)).ToArray();
+    private readonly int[] _tokens = Sharding.TokenCounts(rankRanges);
     private readonly int _p = comm.Size;
     private float[] _send = [], _receive = [];
 

@@ -58,7 +58,7 @@ internal sealed class HybridAttention : IScheme
         int groupTokens = groupRanges.Sum(r => r.Count);
         if (groupTokens < ph)
             throw new ArgumentException($"Each head group holds {groupTokens} tokens, fewer than its {ph} ranks; use a longer sequence or a smaller Ulysses degree.", nameof(shape));
-        var virtualRanges = Enumerable.Range(0, ph).Select(r => Sharding.Ranges(groupTokens, ph, r, ShardLayout.Contiguous)).ToArray();
+        var virtualRanges = Sharding.AllRanges(groupTokens, ph, ShardLayout.Contiguous);
         _shuffle = new HeadShuffle(_groupComm, clock, shape.Batch, groupTokens, virtualRanges, shape.Heads / shape.KvHeads);
         Ranges = ToGlobal(virtualRanges[_groupComm.Rank][0], groupRanges);
         int b = shape.Batch;

@@ -33,8 +33,8 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _s = shape;
         _clock = clock;
         _options = new FlashOptions(0, 0, options.Causal, options.Scale);
-        _rankRanges = Enumerable.Range(0, comm.Size).Select(r => Sharding.Ranges(shape.SeqLen, comm.Size, r, layout)).ToArray();
-        _tokens = _rankRanges.Select(rs => rs.Sum(x => x.Count)).ToArray();
+        _rankRanges = Sharding.AllRanges(shape.SeqLen, comm.Size, layout);
+        _tokens = Sharding.TokenCounts(_rankRanges);
         _maxTokens = _tokens.Max();
         Ranges = _rankRanges[comm.Rank];
         _local = new LocalChunks(backend, Ranges);

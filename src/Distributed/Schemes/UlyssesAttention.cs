@@ -34,7 +34,7 @@ internal sealed class UlyssesAttention : IScheme
         _s = shape;
         _clock = clock;
         _options = options;
-        _rankRanges = Enumerable.Range(0, _p).Select(r => Sharding.Ranges(shape.SeqLen, _p, r, layout)).ToArray();
+        _rankRanges = Sharding.AllRanges(shape.SeqLen, _p, layout);
         Ranges = _rankRanges[comm.Rank];
         _hl = shape.Heads / _p;
         // KV heads that do not split evenly are replicated to one per query head.
