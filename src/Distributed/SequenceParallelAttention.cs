@@ -91,6 +91,8 @@ public sealed class SequenceParallelAttention : IDisposable
 {
     private readonly IScheme _scheme;
     private readonly PhaseClock _clock;
+    private readonly AttentionShape _shape;
+    private bool _forwardRan;
 
     /// <summary>Validates the shape and options against the communicator and builds the scheme.</summary>
     /// <exception cref="ArgumentException">A shape or option the scheme cannot take; the message names the
@@ -103,6 +105,7 @@ public sealed class SequenceParallelAttention : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         Validate(shape, options);
         _clock = new PhaseClock(backend);
+        _shape = shape;
         var layout = options.Layout ?? DefaultLayout(options);
         _scheme = options.Scheme switch
         {
@@ -132,13 +135,32 @@ public sealed class SequenceParallelAttention : IDisposable
     /// Forward over the local shards: q <c>[B,Nloc,H,D]</c>, k <c>[B,Nloc,Hk,D]</c>, v <c>[B,Nloc,Hk,Dv]</c>;
     /// writes o <c>[B,Nloc,H,Dv]</c>. Collective: every rank calls it.
     /// </summary>
-    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o) => _scheme.Forward(q, k, v, o);
+    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    {
+        _scheme.Forward(q, k, v, o);
+        _forwardRan = true;
+    }
 
     /// <summary>
     /// Backward after <see cref="Forward"/>: given dO <c>[B,Nloc,H,Dv]</c>, writes the gradients of the local
     /// shards dQ <c>[B,Nloc,H,D]</c>, dK <c>[B,Nloc,Hk,D]</c>, dV <c>[B,Nloc,Hk,Dv]</c>. Collective.
     /// </summary>
     public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV) => _scheme.Backward(dO, dQ, dK, dV);
+
+    /// <summary>
+    /// Softmax attention: copies the log-sum-exp of the last <see cref="Forward"/> for this rank's query rows,
+    /// <c>[B, H, Nloc]</c> in local token order (natural log, of the scaled scores), into <paramref name="lse"/>.
+    /// Collective: every rank calls it (Ulysses brings it back from head shards with one all-to-all).
+    /// </summary>
+    /// <exception cref="ArgumentException"><paramref name="lse"/> is not <c>[B, H, Nloc]</c>.</exception>
+    /// <exception cref="InvalidOperationException">No forward has run yet.</exception>
+    /// <exception cref="NotSupportedException">Lightning attention (no LSE) or the hybrid scheme.</exception>
+    public void CopyLse(DeviceTensor lse)
+    {
+        AttentionDims.Expect(lse, nameof(lse), _shape.Batch, _shape.Heads, LocalTokens);
+        if (!_forwardRan) throw new InvalidOperationException("CopyLse reads the last forward's log-sum-exp: call Forward first.");
+        _scheme.CopyLse(lse);
+    }
 
     /// <summary>
     /// One decode step with the KV cache sharded over ranks (partial softmax states): q <c>[B, Nq, H, D]</c>
@@ -211,6 +233,10 @@ internal interface IScheme : IDisposable
     void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o);
 
     void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV);
+
+    /// <summary>Softmax schemes: the local LSE of the last forward, <c>[B, H, Nloc]</c> in local token order.</summary>
+    void CopyLse(DeviceTensor lse) =>
+        throw new NotSupportedException($"{GetType().Name} does not expose its log-sum-exp; LSE exists for softmax attention with the allgather, ring, partial or ulysses scheme.");
 }
 
 /// <summary>Splits a step's wall time into compute (kernels, synchronised) and communication.</summary>

@@ -136,6 +136,16 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
     }
 
 
+    public void CopyLse(DeviceTensor lse)
+    {
+        int offset = 0;
+        for (int c = 0; c < Ranges.Count; c++)
+        {
+            _backend.CopySlice(_lse[c], 0, lse, offset, Ranges[c].Count, 2);
+            offset += Ranges[c].Count;
+        }
+    }
+
     public void Dispose()
     {
         _k.Dispose(); _v.Dispose(); _dK.Dispose(); _dV.Dispose();

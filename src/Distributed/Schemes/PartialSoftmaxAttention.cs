@@ -217,6 +217,8 @@ internal sealed class PartialSoftmaxAttention : IScheme
         }
     }
 
+    public void CopyLse(DeviceTensor lse) => _backend.CopySlice(_lseMine, 0, lse, 0, _tokens[_comm.Rank], 2);
+
     public void Dispose()
     {
         foreach (var t in new[] { _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll }) t.Dispose();

@@ -237,6 +237,16 @@ internal sealed class RingSoftmaxAttention : IScheme
     }
 
 
+    public void CopyLse(DeviceTensor lse)
+    {
+        int offset = 0;
+        for (int c = 0; c < Ranges.Count; c++)
+        {
+            _backend.CopySlice(_lse[c], 0, lse, offset, Ranges[c].Count, 2);
+            offset += Ranges[c].Count;
+        }
+    }
+
     public void Dispose()
     {
         foreach (var t in _lse.Concat(_drow).Concat(_partO).Concat(_partLse)) t.Dispose();
