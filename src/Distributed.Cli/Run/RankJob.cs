@@ -1,39 +1,45 @@
 using System.Diagnostics;
+using Distributed.Cli.Check;
 using Distributed.Cluster;
 using Distributed.Kernels;
 
 namespace Distributed.Cli.Run;
 
 /// <summary>What one rank measured for one job.</summary>
-internal sealed record RankMeasurement(int Rank, int LocalTokens, double ForwardMs, double BackwardMs, double ComputeMs,
-    double CommunicationMs, double BytesSentPerStep, double BytesReceivedPerStep);
+internal sealed record RankMeasurement(int Rank, long LocalTokens, double ForwardMs, double BackwardMs, double ComputeMs,
+    double CommunicationMs, double BytesSentPerStep, double BytesReceivedPerStep, double PeakBytes)
+{
+    /// <summary>GFLOP/s of this rank: its share (1/P) of the job's FLOPs over its forward + backward time.</summary>
+    public double Gflops(double jobFlops, int ranks) => ForwardMs + BackwardMs > 0 ? jobFlops / ranks / ((ForwardMs + BackwardMs) * 1e6) : 0;
+}
 
-/// <summary>The max relative error of one tensor against the single-device run.</summary>
-internal sealed record CheckResult(string Tensor, double MaxAbsError, double MaxAbsReference, double RelativeError, bool Passed);
+/// <summary>The max relative error of one tensor against the reference, over <see cref="Compared"/> elements.</summary>
+internal sealed record CheckResult(string Tensor, double MaxAbsError, double MaxAbsReference, double RelativeError, bool Passed,
+    long Compared = 0, long NonFinite = 0);
 
 /// <summary>What rank 0 knows about one job when it ends.</summary>
-internal sealed record JobResult(JobSpec Spec, string Layout, IReadOnlyList<RankMeasurement> Ranks, IReadOnlyList<CheckResult> Checks,
-    string? CheckSkippedReason)
+internal sealed record JobResult(JobSpec Spec, AttentionShape Shape, string Layout, IReadOnlyList<RankMeasurement> Ranks,
+    IReadOnlyList<CheckResult> Checks, CheckMode CheckMode, string? CheckSkippedReason, double Flops, long TotalMs)
 {
     public bool Passed => Checks.All(c => c.Passed);
 }
 
 /// <summary>
-/// One job on one rank: build the local shard from deterministic inputs, run the scheme's forward (and
-/// backward) <c>Iterations</c> times, gather the measurements to rank 0, and with <c>--check</c> compare
-/// against a single-device run of the same kernels over the whole sequence on rank 0.
+/// One job on one rank: load its shard of the inputs (synthetic or .npy, only its own rows), run the
+/// scheme's forward (and backward) <c>Iterations</c> times, write its rows of the outputs, gather the
+/// measurements to every rank, and with <c>--check</c> verify the result.
 /// </summary>
 internal static class RankJob
 {
     /// <summary>The single-device check holds the whole sequence on rank 0; refuse above this.</summary>
-    private const long CheckMemoryLimitBytes = 6L << 30;
+    private const long FullCheckMemoryLimitBytes = 6L << 30;
 
     public static JobResult Execute(ICommunicator comm, IKernelBackend backend, Func<IKernelBackend> referenceBackendFactory,
-        JobSpec spec, RunSettings s, Action<string> log)
+        JobSpec spec, AttentionShape shape, RunSettings s, RunOutputs? outputs, RunProgress progress, Action<string> log)
     {
-        int B = s.Batch, N = s.SeqLen, H = s.Heads, Hk = s.KvHeads, D = s.HeadDim, Dv = s.ValueDim;
+        var total = Stopwatch.StartNew();
+        int B = shape.Batch, N = shape.SeqLen, H = shape.Heads, Hk = shape.KvHeads, D = shape.HeadDim, Dv = shape.ValueDim;
         float[]? decay = spec.Attention == AttentionKind.Lightning ? RunSettings.ParseDecay(spec.DecaySpec, H) : null;
-        var shape = new AttentionShape(B, N, H, Hk, D, Dv);
         var options = new SequenceParallelOptions
         {
             Attention = spec.Attention,
@@ -47,47 +53,47 @@ internal static class RankJob
         using var attention = new SequenceParallelAttention(comm, backend, shape, options);
         var ranges = attention.LocalTokenRanges;
         int nloc = attention.LocalTokens;
+        using var inputs = RunInputs.Open(s, spec, shape);
 
-        // Lightning has no softmax normalisation: smaller inputs keep long causal sums in a readable range.
-        float amplitude = spec.Attention == AttentionKind.Lightning ? 0.25f : 1f;
-        var hq = new float[(long)B * nloc * H * D];
-        var hk = new float[(long)B * nloc * Hk * D];
-        var hv = new float[(long)B * nloc * Hk * Dv];
-        var hdo = new float[(long)B * nloc * H * Dv];
-        SyntheticInputs.Fill(hq, SyntheticInputs.Query, s.Seed, B, N, H * D, ranges, amplitude);
-        SyntheticInputs.Fill(hk, SyntheticInputs.Key, s.Seed, B, N, Hk * D, ranges, amplitude);
-        SyntheticInputs.Fill(hv, SyntheticInputs.Values, s.Seed, B, N, Hk * Dv, ranges, 1f);
-        SyntheticInputs.Fill(hdo, SyntheticInputs.OutputGradient, s.Seed, B, N, H * Dv, ranges, 1f);
-
+        double loadTotal = (double)B * nloc * (H * D + Hk * D + Hk * Dv + (s.Backward ? H * Dv : 0));
+        progress.Phase("load inputs", loadTotal);
+        var streams = new TensorStreams { Moved = n => progress.Advance(n) };
         using var q = backend.Allocate(B, nloc, H, D);
         using var k = backend.Allocate(B, nloc, Hk, D);
         using var v = backend.Allocate(B, nloc, Hk, Dv);
         using var o = backend.Allocate(B, nloc, H, Dv);
-        using var dO = backend.Allocate(B, nloc, H, Dv);
-        using var dQ = backend.Allocate(B, nloc, H, D);
-        using var dK = backend.Allocate(B, nloc, Hk, D);
-        using var dV = backend.Allocate(B, nloc, Hk, Dv);
-        q.CopyFromHost(hq); k.CopyFromHost(hk); v.CopyFromHost(hv); dO.CopyFromHost(hdo);
+        streams.Load(inputs.Q, ranges, q);
+        streams.Load(inputs.K, ranges, k);
+        streams.Load(inputs.V, ranges, v);
+        // Backward tensors exist only when asked for: a forward-only run holds four tensors, not eight.
+        using var dO = s.Backward ? backend.Allocate(B, nloc, H, Dv) : null;
+        using var dQ = s.Backward ? backend.Allocate(B, nloc, H, D) : null;
+        using var dK = s.Backward ? backend.Allocate(B, nloc, Hk, D) : null;
+        using var dV = s.Backward ? backend.Allocate(B, nloc, Hk, Dv) : null;
+        if (dO is not null) streams.Load(inputs.DOut!, ranges, dO);
 
-        if (comm.Rank == s.FailRank)
+        if (comm.Rank == s.FailRank && s.FailAt == "start")
             throw new InvalidOperationException($"injected failure on rank {comm.Rank} (--fail-rank {s.FailRank}), while the other ranks wait in the scheme's first collective");
 
         comm.Barrier();
         attention.ResetTimings();
         var before = comm.Counters.Snapshot();
         double forwardMs = 0, backwardMs = 0;
+        progress.Phase(s.Iterations > 1 ? $"{s.Iterations} steps" : s.Backward ? "forward + backward" : "forward", s.Iterations * (s.Backward ? 3.5 : 1));
         for (int it = 0; it < s.Iterations; it++)
         {
             var sw = Stopwatch.StartNew();
             attention.Forward(q, k, v, o);
             backend.Synchronize();
             forwardMs += sw.Elapsed.TotalMilliseconds;
+            progress.Advance(1);
             if (s.Backward)
             {
                 sw.Restart();
-                attention.Backward(dO, dQ, dK, dV);
+                attention.Backward(dO!, dQ!, dK!, dV!);
                 backend.Synchronize();
                 backwardMs += sw.Elapsed.TotalMilliseconds;
+                progress.Advance(2.5);
             }
         }
         var after = comm.Counters.Snapshot();
@@ -98,33 +104,83 @@ internal static class RankJob
             sent += c.BytesSent - b0.BytesSent;
             received += c.BytesReceived - b0.BytesReceived;
         }
+
+        // The LSE of softmax runs: written with --lse, and the sampled check verifies it and uses it for dK, dV.
+        using var lse = spec.Attention == AttentionKind.Softmax && (outputs?.Wants("LSE") == true || s.Check == CheckMode.Sampled)
+            ? backend.Allocate(B, H, nloc) : null;
+        if (lse is not null) attention.CopyLse(lse);
+
+        if (outputs is not null)
+        {
+            long outputFloats = (long)B * nloc * (H * Dv + (lse is not null && outputs.Wants("LSE") ? H : 0) + (s.Backward ? H * D + Hk * D + Hk * Dv : 0));
+            progress.Phase("write outputs", outputFloats);
+            outputs.Write("O", o, ranges, B, N, H * Dv);
+            if (comm.Rank == s.FailRank && s.FailAt == "write")
+                throw new InvalidOperationException($"injected failure on rank {comm.Rank} (--fail-rank {s.FailRank} --fail-at write), after writing part of its outputs");
+            if (lse is not null) outputs.Write("LSE", lse, ranges, (long)B * H, N, 1);
+            if (s.Backward)
+            {
+                outputs.Write("dQ", dQ!, ranges, B, N, H * D);
+                outputs.Write("dK", dK!, ranges, B, N, Hk * D);
+                outputs.Write("dV", dV!, ranges, B, N, Hk * Dv);
+            }
+        }
+
         var timings = attention.Timings;
         int iters = s.Iterations;
         var mine = new RankMeasurement(comm.Rank, nloc, forwardMs / iters, backwardMs / iters, timings.ComputeMs / iters,
-            timings.CommunicationMs / iters, sent / iters, received / iters);
+            timings.CommunicationMs / iters, sent / iters, received / iters, PeakMemory.ProcessPeakBytes());
         var all = GatherMeasurements(comm, mine);
 
         var checks = new List<CheckResult>();
         string? skipped = null;
         string layout = ranges.Count > 1 ? "zigzag" : "contiguous";
-        if (s.Check)
+        if (s.Check == CheckMode.Sampled)
+        {
+            progress.Phase("check (sampled rows, fp64)", 1);
+            checks = SampledCheck.Run(comm, spec, shape, decay, s, inputs, ranges, o, lse, dO, dQ, dK, dV, log);
+        }
+        else if (s.Check == CheckMode.Full)
         {
             long refBytes = 4L * B * N * (3L * H * D + 3L * Hk * D + 3L * H * Dv + 3L * Hk * Dv);
-            if (refBytes > CheckMemoryLimitBytes || N >= (1 << 24))
-                skipped = $"the single-device run would need {refBytes / (1 << 20)} MiB on rank 0 (limit {CheckMemoryLimitBytes >> 20} MiB)";
+            if (refBytes > FullCheckMemoryLimitBytes)
+                skipped = $"the single-device run would need {refBytes / (1 << 20)} MiB on rank 0 (limit {FullCheckMemoryLimitBytes >> 20} MiB); use --check (sampled)";
             else
-                checks = RunCheck(comm, referenceBackendFactory, spec, s, decay, ranges, o, dQ, dK, dV, log);
+            {
+                progress.Phase("check (single-device rerun)", 1);
+                checks = FullCheck.Run(comm, referenceBackendFactory, spec, shape, decay, s, inputs, ranges, o, dQ, dK, dV, log);
+            }
         }
-        return new JobResult(spec, layout, all, checks, skipped);
+        progress.Phase("", 1);
+        return new JobResult(spec, shape, layout, all, checks, s.Check, skipped, JobFlops(spec, shape, s.Backward), total.ElapsedMilliseconds);
+    }
+
+    /// <summary>
+    /// FLOPs of one step of the whole job (all ranks). Softmax forward: 2·B·H·N²·(D+Dv) (half when causal);
+    /// lightning forward: 2·B·H·N·(C·(D+Dv)/2 + 2·D·Dv) causal with C = 64 the block, 4·B·H·N·D·Dv
+    /// non-causal. Backward counted as 2.5× the forward (softmax) and 2× (lightning), as in <c>bench kernels</c>.
+    /// </summary>
+    public static double JobFlops(JobSpec spec, AttentionShape s, bool backward)
+    {
+        double b = s.Batch, h = s.Heads, n = s.SeqLen, d = s.HeadDim, dv = s.ValueDim;
+        double forward = spec.Attention == AttentionKind.Softmax
+            ? 2 * b * h * n * n * (d + dv) * (spec.Causal ? 0.5 : 1)
+            : spec.Causal ? 2 * b * h * n * (64 * (d + dv) / 2 + 2 * d * dv) : 4 * b * h * n * d * dv;
+        double backwardFactor = spec.Attention == AttentionKind.Softmax ? 2.5 : 2;
+        return forward * (backward ? 1 + backwardFactor : 1);
     }
 
     private static List<RankMeasurement> GatherMeasurements(ICommunicator comm, RankMeasurement m)
     {
-        const int Width = 8;
+        // Floats carry 24 bits exactly: large values travel as (high, low) halves.
+        const int Width = 11;
+        static (float, float) Split(double x) { double hi = Math.Floor(x / 65536.0); return ((float)hi, (float)(x - hi * 65536.0)); }
+        var (tokHi, tokLo) = Split(m.LocalTokens);
+        var (peakHi, peakLo) = Split(Math.Round(m.PeakBytes / 1024.0));
         ReadOnlySpan<float> mine =
         [
-            m.Rank, m.LocalTokens, (float)m.ForwardMs, (float)m.BackwardMs, (float)m.ComputeMs, (float)m.CommunicationMs,
-            (float)(m.BytesSentPerStep / 1024.0), (float)(m.BytesReceivedPerStep / 1024.0),
+            m.Rank, tokHi, tokLo, (float)m.ForwardMs, (float)m.BackwardMs, (float)m.ComputeMs, (float)m.CommunicationMs,
+            (float)(m.BytesSentPerStep / 1024.0), (float)(m.BytesReceivedPerStep / 1024.0), peakHi, peakLo,
         ];
         var all = new float[Width * comm.Size];
         comm.AllGather(mine, all);
@@ -132,145 +188,9 @@ internal static class RankJob
         for (int r = 0; r < comm.Size; r++)
         {
             var x = all.AsSpan(r * Width, Width);
-            list.Add(new RankMeasurement((int)x[0], (int)x[1], x[2], x[3], x[4], x[5], x[6] * 1024.0, x[7] * 1024.0));
+            list.Add(new RankMeasurement((int)x[0], (long)(x[1] * 65536.0 + x[2]), x[3], x[4], x[5], x[6], x[7] * 1024.0, x[8] * 1024.0,
+                (x[9] * 65536.0 + x[10]) * 1024.0));
         }
         return list;
-    }
-
-    /// <summary>
-    /// Gathers the distributed outputs (and gradients) to every rank in global token order, runs the
-    /// same kernels over the whole sequence on rank 0, and agrees on the verdict on all ranks.
-    /// </summary>
-    private static List<CheckResult> RunCheck(ICommunicator comm, Func<IKernelBackend> referenceBackendFactory, JobSpec spec,
-        RunSettings s, float[]? decay, IReadOnlyList<(int Start, int Count)> ranges, DeviceTensor o, DeviceTensor dQ,
-        DeviceTensor dK, DeviceTensor dV, Action<string> log)
-    {
-        int B = s.Batch, N = s.SeqLen, H = s.Heads, Hk = s.KvHeads, D = s.HeadDim, Dv = s.ValueDim;
-        var allRanges = GatherRanges(comm, ranges);
-        float[]? gO = GatherGlobal(comm, o, B, N, H * Dv, allRanges);
-        float[]? gdQ = null, gdK = null, gdV = null;
-        if (s.Backward)
-        {
-            gdQ = GatherGlobal(comm, dQ, B, N, H * D, allRanges);
-            gdK = GatherGlobal(comm, dK, B, N, Hk * D, allRanges);
-            gdV = GatherGlobal(comm, dV, B, N, Hk * Dv, allRanges);
-        }
-
-        var results = new List<CheckResult>();
-        var verdict = new float[1];
-        if (comm.Rank == 0)
-        {
-            log($"check: single-device {spec.Attention.ToString().ToLowerInvariant()} over all {N} tokens on rank 0");
-            using var rb = referenceBackendFactory();
-            var full = new[] { (0, N) };
-            var hq = new float[(long)B * N * H * D]; var hk = new float[(long)B * N * Hk * D];
-            var hv = new float[(long)B * N * Hk * Dv]; var hdo = new float[(long)B * N * H * Dv];
-            float amplitude = spec.Attention == AttentionKind.Lightning ? 0.25f : 1f;
-            SyntheticInputs.Fill(hq, SyntheticInputs.Query, s.Seed, B, N, H * D, full, amplitude);
-            SyntheticInputs.Fill(hk, SyntheticInputs.Key, s.Seed, B, N, Hk * D, full, amplitude);
-            SyntheticInputs.Fill(hv, SyntheticInputs.Values, s.Seed, B, N, Hk * Dv, full, 1f);
-            SyntheticInputs.Fill(hdo, SyntheticInputs.OutputGradient, s.Seed, B, N, H * Dv, full, 1f);
-            using var q = rb.Allocate(B, N, H, D); using var k = rb.Allocate(B, N, Hk, D); using var v = rb.Allocate(B, N, Hk, Dv);
-            using var ro = rb.Allocate(B, N, H, Dv); using var rdo = rb.Allocate(B, N, H, Dv);
-            q.CopyFromHost(hq); k.CopyFromHost(hk); v.CopyFromHost(hv); rdo.CopyFromHost(hdo);
-            hq = hk = hv = hdo = null!;
-            using var rdq = rb.Allocate(B, N, H, D); using var rdk = rb.Allocate(B, N, Hk, D); using var rdv = rb.Allocate(B, N, Hk, Dv);
-            if (spec.Attention == AttentionKind.Softmax)
-            {
-                using var lse = rb.Allocate(B, H, N);
-                var fo = new FlashOptions(0, 0, spec.Causal);
-                rb.FlashForward(q, k, v, ro, lse, fo);
-                if (s.Backward)
-                {
-                    using var drow = rb.Allocate(B, H, N);
-                    rb.SoftmaxRowDot(ro, rdo, drow);
-                    rb.FlashBackward(q, k, v, lse, drow, rdo, rdq, rdk, rdv, fo);
-                }
-            }
-            else
-            {
-                float[] lambda = decay ?? Enumerable.Repeat(1f, H).ToArray();
-                rb.LightningForward(q, k, v, lambda, spec.Causal, null, ro, null);
-                if (s.Backward) rb.LightningBackward(q, k, v, lambda, spec.Causal, null, rdo, null, rdq, rdk, rdv, null);
-            }
-            rb.Synchronize();
-            results.Add(Compare("O", gO!, ro, s.Tolerance));
-            if (s.Backward)
-            {
-                results.Add(Compare("dQ", gdQ!, rdq, s.Tolerance));
-                results.Add(Compare("dK", gdK!, rdk, s.Tolerance));
-                results.Add(Compare("dV", gdV!, rdv, s.Tolerance));
-            }
-            verdict[0] = results.All(r => r.Passed) ? 0f : 1f;
-        }
-        // Every rank learns the verdict, so every rank exits with the same code.
-        comm.AllReduceSum(verdict, verdict);
-        if (comm.Rank != 0 && verdict[0] != 0f)
-            results.Add(new CheckResult("(rank 0 verdict)", double.NaN, double.NaN, double.NaN, false));
-        return results;
-    }
-
-    private static CheckResult Compare(string name, float[] distributed, DeviceTensor reference, double tolerance)
-    {
-        var r = new float[reference.Length];
-        reference.CopyToHost(r);
-        double maxErr = 0, maxRef = 0;
-        bool finite = true;
-        for (long i = 0; i < r.Length; i++)
-        {
-            double a = distributed[i], b = r[i];
-            if (!double.IsFinite(a)) finite = false;
-            maxErr = Math.Max(maxErr, Math.Abs(a - b));
-            maxRef = Math.Max(maxRef, Math.Abs(b));
-        }
-        double rel = maxErr / Math.Max(maxRef, 1e-12);
-        return new CheckResult(name, maxErr, maxRef, finite ? rel : double.NaN, finite && rel <= tolerance);
-    }
-
-    private static List<(int Start, int Count)>[] GatherRanges(ICommunicator comm, IReadOnlyList<(int Start, int Count)> ranges)
-    {
-        const int MaxRanges = 4;
-        if (ranges.Count > MaxRanges) throw new NotSupportedException($"--check supports at most {MaxRanges} token ranges per rank.");
-        var mine = new float[1 + 2 * MaxRanges];
-        mine[0] = ranges.Count;
-        for (int i = 0; i < ranges.Count; i++) { mine[1 + 2 * i] = ranges[i].Start; mine[2 + 2 * i] = ranges[i].Count; }
-        var all = new float[mine.Length * comm.Size];
-        comm.AllGather(mine, all);
-        var result = new List<(int, int)>[comm.Size];
-        for (int r = 0; r < comm.Size; r++)
-        {
-            int off = r * mine.Length;
-            result[r] = [];
-            for (int i = 0; i < (int)all[off]; i++) result[r].Add(((int)all[off + 1 + 2 * i], (int)all[off + 2 + 2 * i]));
-        }
-        return result;
-    }
-
-    /// <summary>All-gathers a local <c>[B, Nloc, rowWidth]</c> tensor; rank 0 gets it in global token order.</summary>
-    private static float[]? GatherGlobal(ICommunicator comm, DeviceTensor local, int batch, int seqLen, int rowWidth,
-        List<(int Start, int Count)>[] allRanges)
-    {
-        var mine = new float[local.Length];
-        local.CopyToHost(mine);
-        var counts = new int[comm.Size];
-        long total = 0;
-        for (int r = 0; r < comm.Size; r++)
-        {
-            long c = (long)batch * allRanges[r].Sum(x => x.Count) * rowWidth;
-            if (c > int.MaxValue) throw new NotSupportedException("--check: a shard is too large to gather; lower --seq.");
-            counts[r] = (int)c;
-            total += c;
-        }
-        var gathered = new float[total];
-        comm.AllGatherVariable(mine, gathered, counts);
-        if (comm.Rank != 0) return null;
-        var global = new float[(long)batch * seqLen * rowWidth];
-        long offset = 0;
-        for (int r = 0; r < comm.Size; r++)
-        {
-            Sharding.PutLocal(gathered.AsSpan((int)offset, counts[r]), global, batch, seqLen, rowWidth, allRanges[r]);
-            offset += counts[r];
-        }
-        return global;
     }
 }

@@ -5,13 +5,73 @@ namespace Distributed.Cli.Run;
 /// <summary>One attention job of a run: which family and which parallel scheme.</summary>
 internal sealed record JobSpec(AttentionKind Attention, ParallelScheme Scheme, bool Causal, string DecaySpec);
 
+/// <summary>The shape options as given on the command line (null: not given).</summary>
+internal sealed record ShapeOptions(int? Batch, int? SeqLen, int? Heads, int? KvHeads, int? HeadDim, int? ValueDim);
+
+/// <summary>How <c>--check</c> verifies a run.</summary>
+internal enum CheckMode
+{
+    /// <summary>No check.</summary>
+    None,
+    /// <summary>An independent fp64 reference, computed from the inputs on sampled rows (cost small at any N).</summary>
+    Sampled,
+    /// <summary>Rank 0 reruns the same kernels over the whole sequence on one device.</summary>
+    Full,
+}
+
+/// <summary>The .npy files a run reads and writes (null: synthetic inputs, no output written).</summary>
+internal sealed record RunFiles
+{
+    /// <summary>Q <c>[B, N, H, D]</c>.</summary>
+    public string? Q { get; init; }
+
+    /// <summary>K <c>[B, N, Hk, D]</c>.</summary>
+    public string? K { get; init; }
+
+    /// <summary>V <c>[B, N, Hk, Dv]</c>.</summary>
+    public string? V { get; init; }
+
+    /// <summary>dO <c>[B, N, H, Dv]</c> (backward).</summary>
+    public string? DOut { get; init; }
+
+    /// <summary>O <c>[B, N, H, Dv]</c> is written here.</summary>
+    public string? Out { get; init; }
+
+    /// <summary>LSE <c>[B, H, N]</c> is written here (softmax).</summary>
+    public string? Lse { get; init; }
+
+    /// <summary>Gradients go to PREFIX.dq.npy, PREFIX.dk.npy, PREFIX.dv.npy.</summary>
+    public string? GradsPrefix { get; init; }
+
+    /// <summary>True when the inputs come from files.</summary>
+    public bool HasInputs => Q is not null;
+
+    /// <summary>Every output path this run writes, by tensor name.</summary>
+    public IReadOnlyList<(string Tensor, string Path)> Outputs
+    {
+        get
+        {
+            var list = new List<(string, string)>();
+            if (Out is not null) list.Add(("O", Out));
+            if (Lse is not null) list.Add(("LSE", Lse));
+            if (GradsPrefix is not null)
+            {
+                list.Add(("dQ", GradsPrefix + ".dq.npy"));
+                list.Add(("dK", GradsPrefix + ".dk.npy"));
+                list.Add(("dV", GradsPrefix + ".dv.npy"));
+            }
+            return list;
+        }
+    }
+}
+
 /// <summary>Everything <c>dsattn run</c> was asked to do, after parsing and validation.</summary>
 internal sealed record RunSettings
 {
     public required IReadOnlyList<JobSpec> Jobs { get; init; }
     public int Ranks { get; init; } = 4;
     public int Batch { get; init; } = 1;
-    public int SeqLen { get; init; } = 32768;
+    public int SeqLen { get; init; } = 8192;
     public int Heads { get; init; } = 8;
     public int KvHeads { get; init; } = 8;
     public int HeadDim { get; init; } = 64;
@@ -24,10 +84,17 @@ internal sealed record RunSettings
     public int? Device { get; init; }
     public ulong Seed { get; init; } = 1234;
     public int Iterations { get; init; } = 1;
-    public bool Check { get; init; }
+    public CheckMode Check { get; init; }
+    public int CheckRows { get; init; } = 8;
     public double Tolerance { get; init; } = 1e-4;
     public int FailRank { get; init; } = -1;
+    public string FailAt { get; init; } = "start";
     public string? JsonPath { get; init; }
+    public bool Progress { get; init; } = true;
+    public RunFiles Files { get; init; } = new();
+
+    /// <summary>The global shape of the run.</summary>
+    public AttentionShape Shape => new(Batch, SeqLen, Heads, KvHeads, HeadDim, ValueDim);
 
     /// <summary>
     /// Parses <c>--decay</c>: <c>none</c>, <c>auto</c> (TransNormerLLM slopes), one λ for every head, or

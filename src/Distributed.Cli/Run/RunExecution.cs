@@ -1,0 +1,224 @@
+using System.Security.Cryptography;
+using Distributed.Cli.Commands;
+using Distributed.Cluster;
+using Distributed.IO;
+using Distributed.Kernels;
+using Spectre.Console;
+
+namespace Distributed.Cli.Run;
+
+/// <summary>
+/// Carries out <c>dsattn run</c>: everything that can be checked before ranks start is checked once, in
+/// this process (shapes from the files, options, memory per rank, output folders); then every rank runs
+/// the jobs, writes its rows, and the outputs are committed only when every rank succeeded.
+/// </summary>
+internal static class RunExecution
+{
+    /// <summary>Creates a rank's kernel backend: (name, device index, CPU threads).</summary>
+    internal delegate IKernelBackend BackendFactory(string name, int device, int cpuThreads);
+
+    /// <summary>Prints a refusal (once per job: rank 0 only under mpiexec) and returns exit code 2.</summary>
+    public static int Refuse(string problem)
+    {
+        var launch = LaunchEnvironment.Detect();
+        if (launch.Kind != LaunchKind.Mpich || launch.Rank <= 0)
+            Console.Error.WriteLine($"dsattn run: {problem}");
+        return 2;
+    }
+
+    public static int Execute(RunSettings s, ShapeOptions given, bool representative, BackendFactory? backendFactory = null)
+    {
+        AttentionShape shape;
+        try
+        {
+            shape = s.Files.HasInputs
+                ? RunInputs.ShapeFromFiles(s.Files, s.Backward, given)
+                : new AttentionShape(given.Batch ?? 1, given.SeqLen ?? RunCommand.DefaultSeqLen, given.Heads ?? 8,
+                    given.KvHeads ?? given.Heads ?? 8, given.HeadDim ?? 64, given.ValueDim ?? given.HeadDim ?? 64);
+        }
+        catch (Exception e) when (e is ArgumentException or IOException or UnauthorizedAccessException)
+        {
+            return Refuse(Plain(e));
+        }
+        // The representative job runs each kind at its own length unless --seq (or a file) fixes it.
+        var jobs = s.Jobs.Select(j => (Spec: j, Shape: representative && given.SeqLen is null && !s.Files.HasInputs
+            ? shape with { SeqLen = j.Attention == AttentionKind.Lightning ? RunCommand.RepresentativeLightningSeqLen : RunCommand.RepresentativeSoftmaxSeqLen }
+            : shape)).ToList();
+        s = s with { Batch = shape.Batch, SeqLen = shape.SeqLen, Heads = shape.Heads, KvHeads = shape.KvHeads, HeadDim = shape.HeadDim, ValueDim = shape.ValueDim };
+        var launch = LaunchEnvironment.Detect();
+        int ranks = launch.Kind == LaunchKind.Mpich ? launch.Size : s.Ranks;
+        if (Validate(s, jobs, ranks, launch.Kind == LaunchKind.Mpich) is { } problem)
+            return Refuse(problem);
+
+        if (launch.Kind == LaunchKind.None && representative)
+            AnsiConsole.MarkupLine($"[bold]dsattn run[/]: the representative verified job on {s.Ranks} in-process ranks (no MPI needed). Options: dsattn run --help");
+        // Ranks on this host share its cores: each rank's CPU backend gets its share.
+        int ranksHere = launch.Kind == LaunchKind.Mpich ? Math.Max(1, launch.LocalSize) : s.Ranks;
+        int threads = Math.Max(1, Environment.ProcessorCount / ranksHere);
+        backendFactory ??= (name, device, cpuThreads) => KernelBackends.Create(name, device, cpuThreads);
+        return RankRunner.Run(launch, s.Ranks, comm =>
+            RunRank(comm, s, jobs, launch.LocalRank >= 0 ? launch.LocalRank : comm.Rank, threads, representative, backendFactory));
+    }
+
+    private static string? Validate(RunSettings s, List<(JobSpec Spec, AttentionShape Shape)> jobs, int ranks, bool underMpi)
+    {
+        if (!underMpi && s.Ranks < 1) return $"--ranks must be at least 1 (got {s.Ranks}).";
+        if (s.Batch < 1) return $"--batch must be at least 1 (got {s.Batch}).";
+        if (s.SeqLen < 1) return $"--seq must be at least 1 (got {s.SeqLen}).";
+        if (s.Heads < 1) return $"--heads must be at least 1 (got {s.Heads}).";
+        if (s.KvHeads < 1 || s.Heads % s.KvHeads != 0) return $"--kv-heads must divide --heads (got H={s.Heads}, Hk={s.KvHeads}); e.g. --kv-heads {s.Heads}.";
+        if (s.HeadDim < 1) return $"--head-dim must be at least 1 (got {s.HeadDim}).";
+        if (s.ValueDim < 1) return $"--value-dim must be at least 1 (got {s.ValueDim}).";
+        if (s.Iterations < 1) return $"--iterations must be at least 1 (got {s.Iterations}).";
+        if (s.CheckRows < 0) return $"--check-rows must be 0 or more (got {s.CheckRows}).";
+        if (!(s.Tolerance > 0)) return "--tolerance must be positive.";
+        var f = s.Files;
+        if (!f.HasInputs && (f.K ?? f.V ?? f.DOut) is not null) return "--k, --v and --dout need --q as well: give all of Q, K and V as files, or none.";
+        if (f.GradsPrefix is not null && !s.Backward) return "--grads writes gradients, which only --backward computes; add --backward or drop --grads.";
+        if (f.Outputs.Count > 0 && jobs.Count > 1) return "--out, --lse and --grads write one job's tensors, but without --attention and --scheme run does two jobs; give --attention (and --scheme).";
+        if (f.Lse is not null && jobs.Any(j => j.Spec.Attention != AttentionKind.Softmax)) return "--lse applies to softmax attention only (lightning attention has no log-sum-exp); drop it or use --attention softmax.";
+        if (f.Lse is not null && jobs.Any(j => j.Spec.Scheme == ParallelScheme.Hybrid)) return "--lse is not available with --scheme hybrid yet; use ulysses, allgather, ring or partial.";
+        foreach (var (tensor, path) in f.Outputs)
+        {
+            if (f.Outputs.Count(o => Path.GetFullPath(o.Path) == Path.GetFullPath(path)) > 1) return $"{tensor} and another output both go to {path}; give each output its own file.";
+            foreach (string? input in new[] { f.Q, f.K, f.V, f.DOut })
+                if (input is not null && Path.GetFullPath(input) == Path.GetFullPath(path))
+                    return $"the output {path} is also an input; write to another file (inputs are never overwritten).";
+        }
+        try
+        {
+            foreach (var (spec, shape) in jobs)
+            {
+                if (spec.Attention == AttentionKind.Lightning) _ = RunSettings.ParseDecay(spec.DecaySpec, s.Heads);
+                long bytes = RankBytes(spec, shape, ranks, s.Backward);
+                long available = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
+                int ranksPerHost = underMpi ? Math.Max(1, LaunchEnvironment.Detect().LocalSize) : ranks;
+                if (bytes < 0 || (double)bytes * ranksPerHost > available)
+                    return $"{Describe(spec, shape)} over {ranks} ranks needs {Gib(bytes)} per rank for its tensors ({ranksPerHost} rank(s) on this host, {RunSummary.Bytes(available)} available); use more ranks (hosts), a shorter --seq, or fewer --heads.";
+            }
+        }
+        catch (ArgumentException e) { return Plain(e); }
+        if (s.JsonPath is not null)
+        {
+            string? dir = Path.GetDirectoryName(Path.GetFullPath(s.JsonPath));
+            if (dir is not null && !Directory.Exists(dir)) return $"--json: the folder '{dir}' does not exist; create it or write elsewhere.";
+        }
+        foreach (var (tensor, path) in f.Outputs)
+        {
+            string? dir = Path.GetDirectoryName(Path.GetFullPath(path));
+            if (dir is not null && !Directory.Exists(dir)) return $"{OptionOf(tensor)}: the folder '{dir}' does not exist; create it or write elsewhere.";
+        }
+        return null;
+    }
+
+    /// <summary>The message without .NET's "(Parameter 'x')" suffix: ours already name the option.</summary>
+    private static string Plain(Exception e) =>
+        e is ArgumentException { ParamName: { } p } ? e.Message.Replace($" (Parameter '{p}')", "", StringComparison.Ordinal) : e.Message;
+
+    private static string OptionOf(string tensor) => tensor switch { "O" => "--out", "LSE" => "--lse", _ => "--grads" };
+
+    /// <summary>
+    /// Bytes one rank holds for a job: its shards of q, k, v, o (and dO, dq, dk, dv), plus what the scheme
+    /// gathers (all-gather KV: K and V of the whole sequence, and their gradients; Ulysses: whole-sequence
+    /// tensors of its heads). A rough bound used to refuse shapes that cannot fit; negative on overflow.
+    /// </summary>
+    internal static long RankBytes(JobSpec spec, AttentionShape s, int ranks, bool backward)
+    {
+        try
+        {
+            checked
+            {
+                long local = s.Batch * (((long)s.SeqLen + ranks - 1) / ranks);
+                long qo = (long)s.Heads * (s.HeadDim + s.ValueDim), kv = (long)s.KvHeads * (s.HeadDim + s.ValueDim);
+                long shards = local * (qo + kv) * (backward ? 2 : 1);
+                long gathered = spec.Scheme switch
+                {
+                    ParallelScheme.AllGather => (long)s.Batch * s.SeqLen * kv * (backward ? 2 : 1),
+                    ParallelScheme.Ulysses or ParallelScheme.Hybrid => (long)s.Batch * s.SeqLen * ((qo + kv) / ranks + 1) * (backward ? 2 : 1),
+                    ParallelScheme.Partial => (long)s.Batch * s.SeqLen * qo * (backward ? 2 : 1),
+                    ParallelScheme.Ring => local * kv * 4,
+                    _ => 0,
+                };
+                return (shards + gathered) * sizeof(float);
+            }
+        }
+        catch (OverflowException) { return -1; }
+    }
+
+    private static string Gib(long bytes) => bytes < 0 ? "more than 8 EiB" : "about " + RunSummary.Bytes(bytes);
+
+    internal static string Describe(JobSpec job, AttentionShape s) =>
+        $"{job.Attention.ToString().ToLowerInvariant()} / {job.Scheme.ToString().ToLowerInvariant()} ({(job.Causal ? "causal" : "non-causal")}{(job.Attention == AttentionKind.Lightning ? $", decay {job.DecaySpec}" : "")}) " +
+        $"B={s.Batch} N={s.SeqLen} H={s.Heads} Hk={s.KvHeads} D={s.HeadDim} Dv={s.ValueDim}";
+
+    private static int RunRank(ICommunicator comm, RunSettings s, List<(JobSpec Spec, AttentionShape Shape)> jobs, int localRank,
+        int cpuThreads, bool representative, BackendFactory backendFactory)
+    {
+        int device = s.Device ?? localRank;
+        using var backend = backendFactory(s.Backend, device, cpuThreads);
+        void Log(string line) { if (comm.Rank == 0) AnsiConsole.MarkupLineInterpolated($"[grey]{line}[/]"); }
+        string where = comm is InProcessCommunicator ? "in-process" : "MPI";
+        // Every rank says where it runs; one line per rank, in rank order.
+        for (int r = 0; r < comm.Size; r++)
+        {
+            if (r == comm.Rank) Console.WriteLine($"rank {comm.Rank}/{comm.Size} ({where}, host {Environment.MachineName}): backend {backend.Name}{(backend.Name.Contains("cuda", StringComparison.Ordinal) ? $" device {device}" : $", {cpuThreads} thread(s)")}");
+            comm.Barrier();
+        }
+        string jobId = AgreeJobId(comm);
+        using var progress = RunProgress.Create(s.Progress, comm.Rank == 0);
+        var streams = new TensorStreams { Moved = n => progress.Advance(n) };
+        RunOutputs? outputs = null;
+        try
+        {
+            if (s.Files.Outputs.Count > 0) outputs = RunOutputs.Begin(comm, s.Files, jobId, jobs[0].Shape, streams);
+            var results = new List<JobResult>();
+            foreach (var (job, shape) in jobs)
+            {
+                Log($"{Describe(job, shape)}: forward{(s.Backward ? " + backward" : "")}, {s.Iterations} iteration(s)...");
+                var result = RankJob.Execute(comm, backend, () => backendFactory(s.Backend, device, 0), job, shape, s, outputs, progress, Log);
+                results.Add(result);
+                if (comm.Rank == 0)
+                {
+                    progress.Phase("", 1);
+                    RunSummary.Print(result, s, comm is InProcessCommunicator);
+                }
+            }
+            bool passed = results.All(r => r.Passed);
+            bool committed = outputs?.Finish(comm, passed) ?? passed;
+            if (comm.Rank == 0)
+            {
+                if (outputs is not null)
+                    Console.WriteLine(committed
+                        ? $"wrote {string.Join(", ", outputs.Targets)}"
+                        : "outputs not written: the check failed (no file was created or changed)");
+                if (s.JsonPath is not null) RunSummary.WriteJson(s.JsonPath, results, s, outputs?.Targets, committed);
+                if (representative)
+                    AnsiConsole.MarkupLine(passed
+                        ? "[green]Shown:[/] LASP-2 (one all-gather of [[B,H,D,Dv]] states per pass, bytes independent of N) and all-gather-KV softmax split over the ranks match an independent fp64 reference on sampled rows, forward and backward."
+                        : "[red]The distributed result differs from the fp64 reference beyond tolerance.[/]");
+            }
+            return passed && committed ? 0 : 1;
+        }
+        catch
+        {
+            outputs?.Abort();
+            throw;
+        }
+        finally
+        {
+            outputs?.Dispose();
+        }
+    }
+
+    /// <summary>A random id for this job's temporary files, drawn on rank 0 and shared with every rank.</summary>
+    private static string AgreeJobId(ICommunicator comm)
+    {
+        // Two 16-bit halves travel exactly as floats.
+        int id = comm.Rank == 0 ? RandomNumberGenerator.GetInt32(int.MaxValue) : 0;
+        var mine = new float[] { id >> 16, id & 0xFFFF };
+        var all = new float[2 * comm.Size];
+        comm.AllGather(mine, all);
+        int agreed = ((int)all[0] << 16) | (int)all[1];
+        return agreed.ToString("x8", System.Globalization.CultureInfo.InvariantCulture);
+    }
+}
