@@ -1,3 +1,4 @@
+using System.Buffers;
 using Distributed.Cli.Run;
 
 namespace Distributed.Cli.Check;
@@ -34,6 +35,33 @@ internal sealed class SyntheticTokenRows : ITokenRows
         TokenRowsAccess.CheckRead(this, batch, tokenStart, count, destination.Length);
         long globalBase = (batch * SeqLen + tokenStart) * Width;
         int n = count * Width;
-        for (int i = 0; i < n; i++) destination[i] = _amplitude * SyntheticInputs.Value(_seed, _tensorId, globalBase + i);
+        if (n < ParallelElements)
+        {
+            Generate(globalBase, destination[..n]);
+            return;
+        }
+        // Hashing dominates a streamed pass at millions of tokens: spread large reads over the cores.
+        var buffer = ArrayPool<float>.Shared.Rent(n);
+        try
+        {
+            int chunks = (n + ParallelElements - 1) / ParallelElements;
+            Parallel.For(0, chunks, c =>
+            {
+                int start = c * ParallelElements, length = Math.Min(ParallelElements, n - start);
+                Generate(globalBase + start, buffer.AsSpan(start, length));
+            });
+            buffer.AsSpan(0, n).CopyTo(destination);
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(buffer);
+        }
+    }
+
+    private const int ParallelElements = 1 << 14;
+
+    private void Generate(long globalIndex, Span<float> destination)
+    {
+        for (int i = 0; i < destination.Length; i++) destination[i] = _amplitude * SyntheticInputs.Value(_seed, _tensorId, globalIndex + i);
     }
 }
