@@ -150,6 +150,65 @@ public sealed class SampledReferenceTests
         Assert.InRange(RowError(kr.DV, dv, rows, n, Hk * Dv), 0, Tolerance);
     }
 
+    /// <summary>Counts what a reference reads: the largest single read and the tokens read in all.</summary>
+    private sealed class CountingRows(ITokenRows inner) : ITokenRows
+    {
+        public int MaxCount { get; private set; }
+        public long Tokens { get; private set; }
+        public int Batch => inner.Batch;
+        public long SeqLen => inner.SeqLen;
+        public int Width => inner.Width;
+
+        public void Read(int batch, long tokenStart, int count, Span<float> destination)
+        {
+            lock (this)
+            {
+                MaxCount = Math.Max(MaxCount, count);
+                Tokens += count;
+            }
+            inner.Read(batch, tokenStart, count, destination);
+        }
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void References_StreamInBlocks_AndStopAtTheSampledRowsWhenCausal(bool causal)
+    {
+        const int n = 300, block = 32;
+        var s = Make(n, 0.25, 3);
+        List<TokenRow> rows = [new(0, 40), new(0, 100), new(1, 70)];
+        var q = new CountingRows(s.QRows);
+        var k = new CountingRows(s.KRows);
+        var v = new CountingRows(s.VRows);
+        var dO = new CountingRows(s.DORows);
+        LightningSampledReference.QueryRows(q, k, v, dO, s.Dims, [0.9f, 0.9f, 0.9f, 0.9f], causal, rows, block);
+        // Causal: keys 0..100 of batch 0 and 0..70 of batch 1; non-causal: every key of both batches.
+        Assert.Equal(causal ? 101 + 71 : 2 * n, k.Tokens);
+        Assert.Equal(3, q.Tokens); // only the sampled query rows
+        SoftmaxSampledReference.QueryRows(q, k, v, dO, s.Dims, causal, 0, rows, block);
+        LightningSampledReference.KeyRows(q, k, v, dO, s.Dims, [0.9f, 0.9f, 0.9f, 0.9f], causal, rows, block);
+        long before = q.Tokens;
+        var zeros = new ArrayRowValues(new double[B * H * n], B, H, n);
+        SoftmaxSampledReference.KeyRows(q, dO, k, v, zeros, zeros, s.Dims, causal, 0, rows, block);
+        // Causal: queries 40..299 of batch 0 and 70..299 of batch 1.
+        Assert.Equal(causal ? (n - 40) + (n - 70) : 2 * n, q.Tokens - before);
+        foreach (var t in new[] { q, k, v, dO }) Assert.InRange(t.MaxCount, 1, block);
+    }
+
+    [Fact]
+    public void References_GiveEmptyResults_ForNoRows()
+    {
+        var s = Make(37, 0.25, 3);
+        var qr = LightningSampledReference.QueryRows(s.QRows, s.KRows, s.VRows, s.DORows, s.Dims, [], true, []);
+        Assert.Empty(qr.O);
+        Assert.Empty(qr.DQ!);
+        var kr = SoftmaxSampledReference.KeyRows(s.QRows, s.DORows, s.KRows, s.VRows, new ArrayRowValues(new double[B * H * 37], B, H, 37),
+            new ArrayRowValues(new double[B * H * 37], B, H, 37), s.Dims, false, 0, []);
+        Assert.Empty(kr.DK);
+        Assert.False(CheckComparison.Of("dK", [], kr.DK).Passed(1.0));
+    }
+
     [Fact]
     public void Lightning_RejectsDecayOutsideRangeOrOfWrongLength()
     {
