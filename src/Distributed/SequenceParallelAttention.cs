@@ -154,7 +154,7 @@ public sealed class SequenceParallelAttention : IDisposable
     /// </summary>
     /// <exception cref="ArgumentException"><paramref name="lse"/> is not <c>[B, H, Nloc]</c>.</exception>
     /// <exception cref="InvalidOperationException">No forward has run yet.</exception>
-    /// <exception cref="NotSupportedException">Lightning attention (no LSE) or the hybrid scheme.</exception>
+    /// <exception cref="NotSupportedException">Lightning attention (it has no LSE).</exception>
     public void CopyLse(DeviceTensor lse)
     {
         AttentionDims.Expect(lse, nameof(lse), _shape.Batch, _shape.Heads, LocalTokens);
@@ -236,7 +236,7 @@ internal interface IScheme : IDisposable
 
     /// <summary>Softmax schemes: the local LSE of the last forward, <c>[B, H, Nloc]</c> in local token order.</summary>
     void CopyLse(DeviceTensor lse) =>
-        throw new NotSupportedException($"{GetType().Name} does not expose its log-sum-exp; LSE exists for softmax attention with the allgather, ring, partial or ulysses scheme.");
+        throw new NotSupportedException($"{GetType().Name} does not expose its log-sum-exp; LSE exists for softmax attention only.");
 }
 
 /// <summary>Splits a step's wall time into compute (kernels, synchronised) and communication.</summary>

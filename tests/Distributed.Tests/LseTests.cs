@@ -22,6 +22,7 @@ public sealed class LseTests
         { ParallelScheme.Partial, ShardLayout.Zigzag, false },
         { ParallelScheme.Ulysses, ShardLayout.Zigzag, true },
         { ParallelScheme.Ulysses, null, false },
+        { ParallelScheme.Hybrid, null, true },
     };
 
     [Theory]
@@ -36,12 +37,12 @@ public sealed class LseTests
         var expected = ReferenceAttention.FlashForward(q, k, v, x, 0, 0, causal, 1 / Math.Sqrt(D)).Lse;
         foreach (int p in new[] { 1, 2, 3, 4 })
         {
-            if (scheme == ParallelScheme.Ulysses && H % p != 0) continue;
+            if (scheme is ParallelScheme.Ulysses or ParallelScheme.Hybrid && H % p != 0) continue;
             var global = new float[expected.Length];
             InProcessCommunicator.Run(p, comm =>
             {
                 using var backend = new CpuBackend(1);
-                var options = new SequenceParallelOptions { Attention = AttentionKind.Softmax, Scheme = scheme, Causal = causal, Layout = layout };
+                var options = new SequenceParallelOptions { Attention = AttentionKind.Softmax, Scheme = scheme, Causal = causal, Layout = layout, UlyssesDegree = scheme == ParallelScheme.Hybrid && p % 2 == 0 ? 2 : 0 };
                 using var attention = new SequenceParallelAttention(comm, backend, new AttentionShape(B, N, H, Hk, D, Dv), options);
                 var r = attention.LocalTokenRanges;
                 int n = attention.LocalTokens;

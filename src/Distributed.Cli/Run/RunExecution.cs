@@ -77,7 +77,6 @@ internal static class RunExecution
         if (f.GradsPrefix is not null && !s.Backward) return "--grads writes gradients, which only --backward computes; add --backward or drop --grads.";
         if (f.Outputs.Count > 0 && jobs.Count > 1) return "--out, --lse and --grads write one job's tensors, but without --attention and --scheme run does two jobs; give --attention (and --scheme).";
         if (f.Lse is not null && jobs.Any(j => j.Spec.Attention != AttentionKind.Softmax)) return "--lse applies to softmax attention only (lightning attention has no log-sum-exp); drop it or use --attention softmax.";
-        if (f.Lse is not null && jobs.Any(j => j.Spec.Scheme == ParallelScheme.Hybrid)) return "--lse is not available with --scheme hybrid yet; use ulysses, allgather, ring or partial.";
         foreach (var (tensor, path) in f.Outputs)
         {
             if (f.Outputs.Count(o => Path.GetFullPath(o.Path) == Path.GetFullPath(path)) > 1) return $"{tensor} and another output both go to {path}; give each output its own file.";

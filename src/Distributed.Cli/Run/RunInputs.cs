@@ -26,9 +26,8 @@ internal sealed class NpyTokenRows : ITokenRows, IDisposable
 
     public void Read(int batch, long tokenStart, int count, Span<float> destination)
     {
-        if (destination.Length != (long)count * Width)
-            throw new ArgumentException($"Expected {(long)count * Width} floats for {count} rows, got {destination.Length}.", nameof(destination));
-        _reader.Read((batch * SeqLen + tokenStart) * Width, destination);
+        TokenRowsAccess.CheckRead(this, batch, tokenStart, count, destination.Length);
+        _reader.Read((batch * SeqLen + tokenStart) * Width, destination[..(count * Width)]);
     }
 
     public void Dispose() => _reader.Dispose();

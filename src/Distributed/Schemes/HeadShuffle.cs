@@ -117,6 +117,36 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
         });
     }
 
+    /// <summary>
+    /// Collective: a head-sharded row statistic <paramref name="headLse"/> <c>[B, heads/P, N]</c> back to sequence
+    /// shards <paramref name="lse"/> <c>[B, heads, Nloc]</c>, through the same all-to-all as O, seen as
+    /// <c>[B, N, heads, 1]</c>.
+    /// </summary>
+    public void LseToSequence(IKernelBackend backend, DeviceTensor headLse, DeviceTensor lse, int heads)
+    {
+        int b = batch, hl = headLse.Shape[1], nloc = _tokens[comm.Rank];
+        var byHead = new float[headLse.Length];
+        headLse.CopyToHost(byHead);
+        using var byToken = backend.Allocate(b, seqLen, hl, 1);
+        byToken.CopyFromHost(Transpose(byHead, b, hl, seqLen));
+        using var local = backend.Allocate(b, nloc, heads, 1);
+        ToSequence([new HeadPart(local, heads, byToken, 1, false)]);
+        var rows = new float[local.Length];
+        local.CopyToHost(rows);
+        lse.CopyFromHost(Transpose(rows, b, nloc, heads));
+    }
+
+    /// <summary>[B, X, Y] → [B, Y, X].</summary>
+    private static float[] Transpose(float[] a, int b, int x, int y)
+    {
+        var t = new float[a.Length];
+        for (int bb = 0; bb < b; bb++)
+            for (int i = 0; i < x; i++)
+                for (int j = 0; j < y; j++)
+                    t[((long)bb * y + j) * x + i] = a[((long)bb * x + i) * y + j];
+        return t;
+    }
+
     private static int HeadsPerRank(HeadPart pt) => pt.Heads.Shape[2];
 
 }

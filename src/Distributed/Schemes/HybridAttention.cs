@@ -18,6 +18,7 @@ internal sealed class HybridAttention : IScheme
     private readonly AttentionShape _s;
     private readonly int _hl, _kvl;
     private readonly bool _expand;
+    private readonly IKernelBackend _backend;
     private readonly DeviceTensor _q, _k, _v, _o, _dO, _dQ, _dK, _dV;
 
     public HybridAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
@@ -29,6 +30,7 @@ internal sealed class HybridAttention : IScheme
         int ps = p / ph;
         _s = shape;
         _comm = comm;
+        _backend = backend;
         // Ranks g·Ph … g·Ph+Ph−1 form head group g; ranks with the same index inside their group share heads.
         _groupComm = comm.Split(comm.Rank / ph, comm.Rank % ph);
         _sequenceComm = comm.Split(comm.Rank % ph, comm.Rank / ph);
@@ -129,6 +131,14 @@ internal sealed class HybridAttention : IScheme
             new HeadPart(dQ, _s.Heads, _dQ, _s.HeadDim, false),
             new HeadPart(dK, _s.KvHeads, _dK, _s.HeadDim, _expand),
             new HeadPart(dV, _s.KvHeads, _dV, _s.ValueDim, _expand)]);
+    }
+
+    /// <summary>Collective: the sequence scheme's LSE of this group's heads, then back to sequence shards over the group.</summary>
+    public void CopyLse(DeviceTensor lse)
+    {
+        using var groupLse = _backend.Allocate(_s.Batch, _hl, _q.Shape[1]);
+        _inner.CopyLse(groupLse);
+        _shuffle.LseToSequence(_backend, groupLse, lse, _s.Heads);
     }
 
     public void Dispose()

@@ -98,32 +98,11 @@ internal sealed class UlyssesAttention : IScheme
             new HeadPart(dV, _s.KvHeads, _dV, _s.ValueDim, expand)]);
     }
 
-    /// <summary>Collective: the head-sharded LSE <c>[B, H/P, N]</c> goes back to sequence shards <c>[B, H, Nloc]</c>
-    /// through the same all-to-all as O, seen as <c>[B, N, heads, 1]</c>.</summary>
+    /// <summary>Collective: the head-sharded LSE <c>[B, H/P, N]</c> goes back to sequence shards <c>[B, H, Nloc]</c>.</summary>
     public void CopyLse(DeviceTensor lse)
     {
         if (_options.Attention != AttentionKind.Softmax) throw new NotSupportedException("LSE exists for softmax attention only.");
-        int b = _s.Batch, n = _s.SeqLen, h = _s.Heads, nloc = Ranges.Sum(r => r.Count);
-        var heads = new float[_lse.Length];
-        _lse.CopyToHost(heads);
-        using var byToken = _backend.Allocate(b, n, _hl, 1);
-        byToken.CopyFromHost(Transpose(heads, b, _hl, n));
-        using var local = _backend.Allocate(b, nloc, h, 1);
-        _shuffle.ToSequence([new HeadPart(local, h, byToken, 1, false)]);
-        var rows = new float[local.Length];
-        local.CopyToHost(rows);
-        lse.CopyFromHost(Transpose(rows, b, nloc, h));
-    }
-
-    /// <summary>[B, X, Y] → [B, Y, X].</summary>
-    private static float[] Transpose(float[] a, int b, int x, int y)
-    {
-        var t = new float[a.Length];
-        for (int bb = 0; bb < b; bb++)
-            for (int i = 0; i < x; i++)
-                for (int j = 0; j < y; j++)
-                    t[((long)bb * y + j) * x + i] = a[((long)bb * x + i) * y + j];
-        return t;
+        _shuffle.LseToSequence(_backend, _lse, lse, _s.Heads);
     }
 
     public void Dispose()
