@@ -73,6 +73,9 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
             for (int c = 0; c < Ranges.Count; c++)
             {
                 _backend.SoftmaxRowDot(_o[c], dOs[c], _drow[c]);
+                // Accumulate sums dK and dV over the chunks, but it also adds into dQ: chunk c's dQ part
+                // must start at zero, not at the last step's value.
+                if (c > 0) _backend.Clear(dQs[c]);
                 _backend.FlashBackward(_q[c], _k, _v, _lse[c], _drow[c], dOs[c], dQs[c], _dK, _dV,
                     _options with { QueryOffset = Ranges[c].Start, Accumulate = c > 0 });
             }
