@@ -114,15 +114,15 @@ internal static class RankJob
         {
             long outputFloats = (long)B * nloc * (H * Dv + (lse is not null && outputs.Wants("LSE") ? H : 0) + (s.Backward ? H * D + Hk * D + Hk * Dv : 0));
             progress.Phase("write outputs", outputFloats);
-            outputs.Write("O", o, ranges, B, N, H * Dv);
+            outputs.Write(streams, "O", o, ranges, B, N, H * Dv);
             if (comm.Rank == s.FailRank && s.FailAt == "write")
                 throw new InvalidOperationException($"injected failure on rank {comm.Rank} (--fail-rank {s.FailRank} --fail-at write), after writing part of its outputs");
-            if (lse is not null) outputs.Write("LSE", lse, ranges, (long)B * H, N, 1);
+            if (lse is not null) outputs.Write(streams, "LSE", lse, ranges, (long)B * H, N, 1);
             if (s.Backward)
             {
-                outputs.Write("dQ", dQ!, ranges, B, N, H * D);
-                outputs.Write("dK", dK!, ranges, B, N, Hk * D);
-                outputs.Write("dV", dV!, ranges, B, N, Hk * Dv);
+                outputs.Write(streams, "dQ", dQ!, ranges, B, N, H * D);
+                outputs.Write(streams, "dK", dK!, ranges, B, N, Hk * D);
+                outputs.Write(streams, "dV", dV!, ranges, B, N, Hk * Dv);
             }
         }
 

@@ -3,7 +3,6 @@ using Distributed.Cli.Commands;
 using Distributed.Cluster;
 using Distributed.IO;
 using Distributed.Kernels;
-using Spectre.Console;
 
 namespace Distributed.Cli.Run;
 
@@ -51,7 +50,7 @@ internal static class RunExecution
             return Refuse(problem);
 
         if (launch.Kind == LaunchKind.None && representative)
-            AnsiConsole.MarkupLine($"[bold]dsattn run[/]: the representative verified job on {s.Ranks} in-process ranks (no MPI needed). Options: dsattn run --help");
+            Console.WriteLine($"dsattn run: the representative verified job on {s.Ranks} in-process ranks (no MPI needed). Options: dsattn run --help");
         // Ranks on this host share its cores: each rank's CPU backend gets its share.
         int ranksHere = launch.Kind == LaunchKind.Mpich ? Math.Max(1, launch.LocalSize) : s.Ranks;
         int threads = Math.Max(1, Environment.ProcessorCount / ranksHere);
@@ -155,7 +154,6 @@ internal static class RunExecution
     {
         int device = s.Device ?? localRank;
         using var backend = backendFactory(s.Backend, device, cpuThreads);
-        void Log(string line) { if (comm.Rank == 0) AnsiConsole.MarkupLineInterpolated($"[grey]{line}[/]"); }
         string where = comm is InProcessCommunicator ? "in-process" : "MPI";
         // Every rank says where it runs; one line per rank, in rank order.
         for (int r = 0; r < comm.Size; r++)
@@ -164,23 +162,23 @@ internal static class RunExecution
             comm.Barrier();
         }
         string jobId = AgreeJobId(comm);
-        using var progress = RunProgress.Create(s.Progress, comm.Rank == 0);
-        var streams = new TensorStreams { Moved = n => progress.Advance(n) };
         RunOutputs? outputs = null;
         try
         {
-            if (s.Files.Outputs.Count > 0) outputs = RunOutputs.Begin(comm, s.Files, jobId, jobs[0].Shape, streams);
+            if (s.Files.Outputs.Count > 0) outputs = RunOutputs.Begin(comm, s.Files, jobId, jobs[0].Shape);
             var results = new List<JobResult>();
             foreach (var (job, shape) in jobs)
             {
-                Log($"{Describe(job, shape)}: forward{(s.Backward ? " + backward" : "")}, {s.Iterations} iteration(s)...");
-                var result = RankJob.Execute(comm, backend, () => backendFactory(s.Backend, device, 0), job, shape, s, outputs, progress, Log);
-                results.Add(result);
-                if (comm.Rank == 0)
+                JobResult result;
+                // One bar per job, gone before the job's summary is printed.
+                using (var progress = RunProgress.Create(s.Progress, comm.Rank == 0))
                 {
-                    progress.Phase("", 1);
-                    RunSummary.Print(result, s, comm is InProcessCommunicator);
+                    void Log(string line) { if (comm.Rank == 0) progress.WriteLine(line); }
+                    Log($"{Describe(job, shape)}: forward{(s.Backward ? " + backward" : "")}, {s.Iterations} iteration(s)...");
+                    result = RankJob.Execute(comm, backend, () => backendFactory(s.Backend, device, 0), job, shape, s, outputs, progress, Log);
                 }
+                results.Add(result);
+                if (comm.Rank == 0) RunSummary.Print(result, s, comm is InProcessCommunicator);
             }
             bool passed = results.All(r => r.Passed);
             bool committed = outputs?.Finish(comm, passed) ?? passed;
@@ -192,9 +190,9 @@ internal static class RunExecution
                         : "outputs not written: the check failed (no file was created or changed)");
                 if (s.JsonPath is not null) RunSummary.WriteJson(s.JsonPath, results, s, outputs?.Targets, committed);
                 if (representative)
-                    AnsiConsole.MarkupLine(passed
-                        ? "[green]Shown:[/] LASP-2 (one all-gather of [[B,H,D,Dv]] states per pass, bytes independent of N) and all-gather-KV softmax split over the ranks match an independent fp64 reference on sampled rows, forward and backward."
-                        : "[red]The distributed result differs from the fp64 reference beyond tolerance.[/]");
+                    Console.WriteLine(passed
+                        ? "Shown: LASP-2 (one all-gather of [B,H,D,Dv] states per pass, bytes independent of N) and all-gather-KV softmax split over the ranks match an independent fp64 reference on sampled rows, forward and backward."
+                        : "FAILED: the distributed result differs from the fp64 reference beyond tolerance.");
             }
             return passed && committed ? 0 : 1;
         }

@@ -15,24 +15,22 @@ internal sealed class RunOutputs : IDisposable
     private readonly AtomicOutputs _atomic;
     private readonly Dictionary<string, (string Target, NpyWriter Writer)> _writers = [];
     private readonly List<string> _targets = [];
-    private readonly TensorStreams _streams;
     private bool _finished;
 
-    private RunOutputs(AtomicOutputs atomic, TensorStreams streams)
+    private RunOutputs(AtomicOutputs atomic)
     {
         _atomic = atomic;
-        _streams = streams;
     }
 
     /// <summary>
     /// Collective: rank 0 removes stale temporaries of earlier jobs and creates this job's temporaries
     /// (global shapes, sparse); then every rank opens them for writing.
     /// </summary>
-    public static RunOutputs Begin(ICommunicator comm, RunFiles files, string jobId, AttentionShape shape, TensorStreams streams)
+    public static RunOutputs Begin(ICommunicator comm, RunFiles files, string jobId, AttentionShape shape)
     {
         var outputs = files.Outputs;
         var atomic = new AtomicOutputs([.. outputs.Select(o => o.Path)], jobId);
-        var result = new RunOutputs(atomic, streams);
+        var result = new RunOutputs(atomic);
         try
         {
             var failed = new float[1];
@@ -72,10 +70,10 @@ internal sealed class RunOutputs : IDisposable
     public bool Wants(string tensor) => _writers.ContainsKey(tensor);
 
     /// <summary>Writes this rank's rows of <paramref name="tensor"/>; see <see cref="TensorStreams.Store"/> for outer and inner.</summary>
-    public void Write(string tensor, DeviceTensor local, IReadOnlyList<(int Start, int Count)> ranges, long outer, long seqLen, long inner)
+    public void Write(TensorStreams streams, string tensor, DeviceTensor local, IReadOnlyList<(int Start, int Count)> ranges, long outer, long seqLen, long inner)
     {
         if (!_writers.TryGetValue(tensor, out var w)) return;
-        _streams.Store(local, ranges, outer, seqLen, inner, w.Writer);
+        streams.Store(local, ranges, outer, seqLen, inner, w.Writer);
     }
 
     /// <summary>

@@ -46,6 +46,13 @@ internal sealed class RunProgress : IDisposable
         lock (_gate) _done = Math.Min(_total, _done + units);
     }
 
+    /// <summary>A line of text: above the bar while it is shown (Spectre keeps them apart), else plain.</summary>
+    public void WriteLine(string line)
+    {
+        if (Enabled) AnsiConsole.WriteLine(line);
+        else Console.WriteLine(line);
+    }
+
     private async Task RenderAsync()
     {
         await AnsiConsole.Progress()
