@@ -46,6 +46,32 @@ public sealed class CpuBackendTests : KernelBackendContract
     }
 }
 
+/// <summary>
+/// The contract with a packing budget of one float: the softmax forward packs K and V one KV head per
+/// pass, the path very long sequences take (the buffer never holds all of K and V).
+/// </summary>
+public sealed class CpuBackendOneHeadPackingTests : KernelBackendContract
+{
+    protected override IKernelBackend CreateBackend() => new CpuBackend(2) { PackBudget = 1 };
+
+    [Fact]
+    public void TensorsAreNativeMemory_FreedOnDispose()
+    {
+        long before = CpuTensor.TotalAllocatedBytes;
+        using var backend = new CpuBackend(1);
+        var t = backend.Allocate(2, 3, 4, 5);
+        Assert.True(CpuTensor.TotalAllocatedBytes - before >= 2 * 3 * 4 * 5 * sizeof(float));
+        var x = new float[120];
+        t.CopyToHost(x);
+        Assert.All(x, v => Assert.Equal(0f, v)); // zero-filled
+        t.CopyFromHost([1f, 2f], 118);
+        t.CopyToHost(x.AsSpan(0, 2), 118);
+        Assert.Equal([1f, 2f], x[..2]);
+        Assert.Throws<ArgumentOutOfRangeException>(() => t.CopyFromHost([1f, 2f], 119));
+        t.Dispose();
+    }
+}
+
 /// <summary>The same contract with AVX-512 and AVX2 switched off: the scalar fallback must be right too.</summary>
 [Collection(nameof(ScalarPathCollection))]
 public sealed class CpuScalarPathTests : KernelBackendContract
