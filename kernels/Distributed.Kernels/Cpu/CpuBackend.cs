@@ -65,6 +65,20 @@ public sealed unsafe class CpuBackend : IKernelBackend
     }
 
     /// <inheritdoc/>
+    public DeviceTensor? TryView(DeviceTensor source, int start, int count)
+    {
+        var src = Cpu(source, nameof(source));
+        if (src.Shape.Count < 2 || start < 0 || count < 0 || (long)start + count > src.Shape[1])
+            throw new ArgumentOutOfRangeException(nameof(count), count, $"Tokens [{start}, +{count}) are outside axis 1 of {source}.");
+        if (src.Shape[0] != 1) return null;
+        long inner = 1;
+        for (int d = 2; d < src.Shape.Count; d++) inner *= src.Shape[d];
+        int[] shape = [.. src.Shape];
+        shape[1] = count;
+        return new CpuTensor(shape, src.Pointer + start * inner);
+    }
+
+    /// <inheritdoc/>
     public void FlashForward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o, DeviceTensor lse, in FlashOptions options)
     {
         var x = AttentionDims.FromQkv(q, k, v);

@@ -7,13 +7,16 @@ namespace Distributed.Kernels.Cpu;
 /// </summary>
 public sealed unsafe class CpuTensor : DeviceTensor
 {
-    private readonly NativeBuffer _buffer;
+    private readonly NativeBuffer? _buffer;   // null for a view, which owns nothing
 
     internal CpuTensor(int[] shape) : base(shape)
     {
         _buffer = new NativeBuffer(Length, zero: true);
         Pointer = _buffer.Pointer;
     }
+
+    /// <summary>A view of <paramref name="shape"/> over memory another tensor owns.</summary>
+    internal CpuTensor(int[] shape, float* pointer) : base(shape) => Pointer = pointer;
 
     /// <summary>The first element; valid until the tensor is disposed.</summary>
     internal float* Pointer { get; }
@@ -48,7 +51,7 @@ public sealed unsafe class CpuTensor : DeviceTensor
     /// <inheritdoc/>
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _buffer.Dispose();
+        if (disposing) _buffer?.Dispose();
         base.Dispose(disposing);
     }
 

@@ -22,7 +22,7 @@ internal sealed class PartialSoftmaxAttention : IScheme
     private readonly int[] _tokens;
     private readonly int _maxTokens, _qRow, _oRow;
     private readonly LocalChunks _local;
-    private readonly DeviceTensor _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll;
+    private readonly DeviceTensor _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll, _oReceived, _lseReceived;
     private float[] _a = [], _b = [], _c = [];
     private DeviceTensor[]? _k, _v;
 
@@ -49,6 +49,8 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _oMine = backend.Allocate(b, mine, h, shape.ValueDim);
         _lseMine = backend.Allocate(b, h, mine);
         _drowMine = backend.Allocate(b, h, mine);
+        _oReceived = backend.Allocate(b, mine, h, shape.ValueDim);
+        _lseReceived = backend.Allocate(b, h, mine);
         _dOAll = backend.Allocate(b, n, h, shape.ValueDim);
         _lseAll = backend.Allocate(b, h, n);
         _drowAll = backend.Allocate(b, h, n);
@@ -94,13 +96,11 @@ internal sealed class PartialSoftmaxAttention : IScheme
             // Rank 0's partial starts the state; every other rank's is merged into it, in rank order.
             _oMine.CopyFromHost(receive.Slice(0, b * mine * _oRow));
             _lseMine.CopyFromHost(receive.Slice(oBlock, b * h * mine));
-            using var oR = _backend.Allocate(b, mine, h, _s.ValueDim);
-            using var lR = _backend.Allocate(b, h, mine);
             for (int r = 1; r < _comm.Size; r++)
             {
-                oR.CopyFromHost(receive.Slice(r * block, b * mine * _oRow));
-                lR.CopyFromHost(receive.Slice(r * block + oBlock, b * h * mine));
-                _backend.MergeSoftmax(_oMine, _lseMine, oR, lR);
+                _oReceived.CopyFromHost(receive.Slice(r * block, b * mine * _oRow));
+                _lseReceived.CopyFromHost(receive.Slice(r * block + oBlock, b * h * mine));
+                _backend.MergeSoftmax(_oMine, _lseMine, _oReceived, _lseReceived);
             }
         });
         _clock.Compute(() => _backend.CopySlice(_oMine, 0, o, 0, _tokens[_comm.Rank], 1));
@@ -219,7 +219,7 @@ internal sealed class PartialSoftmaxAttention : IScheme
 
     public void Dispose()
     {
-        foreach (var t in new[] { _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll }) t.Dispose();
+        foreach (var t in new[] { _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll, _oReceived, _lseReceived }) t.Dispose();
         _local.Dispose();
     }
 }

@@ -24,7 +24,7 @@ internal sealed class RingSoftmaxAttention : IScheme
     private readonly int _kRow, _vRow;
     private readonly DeviceTensor[] _lse, _drow, _partO, _partLse;
     private readonly Dictionary<int, DeviceTensor[]> _blocks = [];  // per token count: K, V, dK, dV
-    private float[] _current = [], _next = [];
+    private float[] _current = [], _next = [], _negativeInfinity = [];
     private DeviceTensor[]? _q, _o;
     private DeviceTensor? _kLocal, _vLocal;
 
@@ -68,7 +68,12 @@ internal sealed class RingSoftmaxAttention : IScheme
             {
                 // The running state starts as "nothing seen": O = 0, LSE = -inf (weight 0 in the merge).
                 _backend.Clear(os[c]);
-                _lse[c].CopyFromHost(Enumerable.Repeat(float.NegativeInfinity, (int)_lse[c].Length).ToArray());
+                if (_negativeInfinity.Length < _lse[c].Length)
+                {
+                    _negativeInfinity = new float[_lse[c].Length];
+                    Array.Fill(_negativeInfinity, float.NegativeInfinity);
+                }
+                _lse[c].CopyFromHost(_negativeInfinity.AsSpan(0, (int)_lse[c].Length));
             }
         });
         _clock.Communicate(() => Pack(k, v, null, null, _comm.Rank, false, ref _current));
