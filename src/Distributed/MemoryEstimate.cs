@@ -25,9 +25,10 @@ internal readonly record struct MemoryEstimate(long CallerFloats, long SchemeFlo
         {
             case ParallelScheme.AllGather:
             {
-                scheme = 2 * b * n * (kRow + vRow) + 2 * b * h * t + (copiedParts ? b * t * (2 * qRow + 2 * oRow) : 0);
+                // One rank uses its own K, V, dK and dV as the whole sequence's and stages nothing.
+                scheme = (ranks > 1 ? 2 * b * n * (kRow + vRow) : 0) + 2 * b * h * t + (copiedParts ? b * t * (2 * qRow + 2 * oRow) : 0);
                 long gathered = Math.Min(b * n * (kRow + vRow), HostBuffer.PieceFloats) + b * ranks * (kRow + vRow);
-                staging = gathered + gathered / ranks + b * (kRow + vRow);
+                staging = ranks > 1 ? gathered + gathered / ranks + b * (kRow + vRow) : 0;
                 largest = Math.Max(b * t * Math.Max(kRow + vRow, Math.Max(qRow, oRow)), gathered);
                 break;
             }
@@ -36,7 +37,7 @@ internal readonly record struct MemoryEstimate(long CallerFloats, long SchemeFlo
                 scheme = b * n * (2 * qRow + 3 * oRow) + 4 * b * h * n + b * t * 2 * oRow + 3 * b * h * t
                     + (copiedParts ? b * t * 2 * (kRow + vRow) : 0);
                 long block = b * t * (oRow + h);
-                staging = b * n * Math.Max(qRow, oRow) + b * n * (oRow + 2 * h) + Math.Max(2 * block * ranks, b * n * Math.Max(qRow, oRow));
+                staging = b * t * (oRow + 2 * h) + b * n * Math.Max(qRow, oRow + 2 * h) + Math.Max(2 * block * ranks, b * t * qRow * (ranks + 1));
                 largest = Math.Max(b * n * Math.Max(qRow + 2 * h, oRow + 2 * h), 2 * block * ranks);
                 break;
             }

@@ -68,7 +68,26 @@ public sealed class CpuBackendOneHeadPackingTests : KernelBackendContract
         t.CopyToHost(x.AsSpan(0, 2), 118);
         Assert.Equal([1f, 2f], x[..2]);
         Assert.Throws<ArgumentOutOfRangeException>(() => t.CopyFromHost([1f, 2f], 119));
+        unsafe { Assert.Equal(0L, (long)((CpuTensor)t).Pointer % 64); }
         t.Dispose();
+    }
+
+    [Fact]
+    public void TryView_AliasesTokensOfABatchOfOne_AndRefusesLargerBatches()
+    {
+        using var backend = new CpuBackend(1);
+        using var t = backend.Allocate(1, 10, 2, 3);
+        t.CopyFromHost(Enumerable.Range(0, 60).Select(i => (float)i).ToArray());
+        using var view = backend.TryView(t, 4, 3)!;
+        Assert.Equal([1, 3, 2, 3], view.Shape);
+        var x = new float[18];
+        view.CopyToHost(x);
+        Assert.Equal(Enumerable.Range(24, 18).Select(i => (float)i), x);
+        view.CopyFromHost([-1f], 17);
+        t.CopyToHost(x.AsSpan(0, 1), 41);
+        Assert.Equal(-1f, x[0]); // writes reach the source
+        using var b2 = backend.Allocate(2, 10, 2, 3);
+        Assert.Null(backend.TryView(b2, 0, 5));
     }
 }
 

@@ -30,9 +30,9 @@ public sealed unsafe class CpuBackend : IKernelBackend
 
     /// <summary>
     /// The most floats the softmax forward packs at once (K transposed and V in 64-key tiles): whole KV
-    /// heads up to this budget, at least one. 16M floats = 64 MiB.
+    /// heads up to this budget, at least one. 4M floats = 16 MiB (one head at N = 16K, D = Dv = 64 is 8 MiB).
     /// </summary>
-    public const long PackBudgetFloats = 1L << 24;
+    public const long PackBudgetFloats = 1L << 22;
 
     /// <summary>The packing budget in floats (tests lower it to exercise several packing passes).</summary>
     internal long PackBudget { get; init; } = PackBudgetFloats;

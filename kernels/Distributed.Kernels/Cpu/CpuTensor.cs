@@ -1,7 +1,7 @@
 namespace Distributed.Kernels.Cpu;
 
 /// <summary>
-/// A tensor of the CPU backend: native, 64-byte aligned fp32 memory (not a managed array), so its element
+/// A tensor of the CPU backend: native fp32 memory (not a managed array), so its element
 /// count is limited only by memory, never by 2^31, and kernels address it by pointer. Freed by
 /// <see cref="DeviceTensor.Dispose()"/>, or by the finalizer of its buffer if the tensor is forgotten.
 /// </summary>

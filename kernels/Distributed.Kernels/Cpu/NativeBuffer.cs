@@ -3,12 +3,16 @@ using System.Runtime.InteropServices;
 namespace Distributed.Kernels.Cpu;
 
 /// <summary>
-/// Native, 64-byte aligned fp32 memory outside the GC heap: any length a <c>long</c> can count (no 2^31
-/// cap of a managed array), freed by <see cref="SafeHandle.Dispose()"/> or, if forgotten, by the finalizer.
-/// The GC is told about the bytes (memory pressure), so forgotten buffers still get collected.
+/// Native fp32 memory outside the GC heap: any length a <c>long</c> can count (no 2^31 cap of a managed
+/// array), freed by <see cref="SafeHandle.Dispose()"/> or, if forgotten, by the finalizer. The GC is told
+/// about the bytes (memory pressure), so forgotten buffers still get collected. Zeroed buffers come from
+/// <c>calloc</c>: large ones are fresh zero pages that become resident only when written, as a managed
+/// array's would (an explicit clear would make every page resident at once). The first element is
+/// 64-byte aligned (the allocation is over-sized by one cache line and the pointer rounded up).
 /// </summary>
 internal sealed unsafe class NativeBuffer : SafeHandle
 {
+    private const int Alignment = 64;
     private static long _allocated, _live;
 
     /// <summary>Allocates <paramref name="floats"/> floats, zero-filled when <paramref name="zero"/>.</summary>
@@ -19,13 +23,13 @@ internal sealed unsafe class NativeBuffer : SafeHandle
         Floats = floats;
         Bytes = Math.Max(floats, 1) * sizeof(float);
         void* p;
-        try { p = NativeMemory.AlignedAlloc((nuint)Bytes, 64); }
+        try { p = zero ? NativeMemory.AllocZeroed((nuint)(Bytes + Alignment)) : NativeMemory.Alloc((nuint)(Bytes + Alignment)); }
         catch (OutOfMemoryException e)
         {
             throw new OutOfMemoryException($"Could not allocate {Bytes:N0} bytes ({Bytes / (double)(1L << 30):F2} GiB) of native memory for a CPU tensor or buffer of {floats:N0} floats.", e);
         }
         SetHandle((IntPtr)p);
-        if (zero) Clear((float*)p, floats);
+        Pointer = (float*)(((nuint)p + Alignment - 1) & ~(nuint)(Alignment - 1));
         GC.AddMemoryPressure(Bytes);
         Interlocked.Add(ref _allocated, Bytes);
         Interlocked.Add(ref _live, Bytes);
@@ -43,8 +47,8 @@ internal sealed unsafe class NativeBuffer : SafeHandle
     /// <summary>The bytes held (at least 4).</summary>
     public long Bytes { get; }
 
-    /// <summary>The first element.</summary>
-    public float* Pointer => (float*)handle;
+    /// <summary>The first element, 64-byte aligned.</summary>
+    public float* Pointer { get; }
 
     /// <inheritdoc/>
     public override bool IsInvalid => handle == IntPtr.Zero;
@@ -71,7 +75,7 @@ internal sealed unsafe class NativeBuffer : SafeHandle
     /// <inheritdoc/>
     protected override bool ReleaseHandle()
     {
-        NativeMemory.AlignedFree((void*)handle);
+        NativeMemory.Free((void*)handle);
         GC.RemoveMemoryPressure(Bytes);
         Interlocked.Add(ref _live, -Bytes);
         return true;

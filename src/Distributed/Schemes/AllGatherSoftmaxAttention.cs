@@ -24,10 +24,11 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
     private readonly int[] _rankTokens;
     private readonly LocalChunks _local;
     private readonly int _kRow, _vRow;
-    private readonly DeviceTensor _k, _v, _dK, _dV;
+    private readonly DeviceTensor? _k, _v, _dK, _dV;   // the whole sequence's K, V, dK, dV (not needed on one rank)
     private readonly DeviceTensor[] _lse, _drow;
     private float[] _small = [], _large = [];  // this rank's piece / every rank's piece
     private DeviceTensor[]? _q, _o;
+    private DeviceTensor? _kAll, _vAll;
 
     public AllGatherSoftmaxAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
     {
@@ -42,10 +43,13 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
         _local = new LocalChunks(backend, Ranges);
         _kRow = shape.KvHeads * shape.HeadDim;
         _vRow = shape.KvHeads * shape.ValueDim;
-        _k = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
-        _v = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
-        _dK = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
-        _dV = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
+        if (comm.Size > 1)
+        {
+            _k = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
+            _v = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
+            _dK = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
+            _dV = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
+        }
         _lse = Ranges.Select(r => backend.Allocate(shape.Batch, shape.Heads, r.Count)).ToArray();
         _drow = Ranges.Select(r => backend.Allocate(shape.Batch, shape.Heads, r.Count)).ToArray();
     }
@@ -54,13 +58,19 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
 
     public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
-        GatherKeysAndValues(k, v);
+        // One rank holds the whole sequence in global order (either layout): its K and V are the gathered ones.
+        if (_k is null || _v is null) (_kAll, _vAll) = (k, v);
+        else
+        {
+            GatherKeysAndValues(k, v, _k, _v);
+            (_kAll, _vAll) = (_k, _v);
+        }
         _clock.Compute(() =>
         {
             var qs = _local.Split("q", q);
             var os = _local.Output("o", o);
             for (int c = 0; c < Ranges.Count; c++)
-                _backend.FlashForward(qs[c], _k, _v, os[c], _lse[c], _options with { QueryOffset = Ranges[c].Start });
+                _backend.FlashForward(qs[c], _kAll, _vAll, os[c], _lse[c], _options with { QueryOffset = Ranges[c].Start });
             _local.Join(os, o);
             (_q, _o) = (qs, os);
         });
@@ -68,7 +78,10 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
 
     public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
     {
-        if (_q is null || _o is null) throw new InvalidOperationException("Call Forward before Backward: the backward pass reuses the forward's gathered K/V, output and LSE.");
+        if (_q is null || _o is null || _kAll is null || _vAll is null) throw new InvalidOperationException("Call Forward before Backward: the backward pass reuses the forward's gathered K/V, output and LSE.");
+        var (kAll, vAll) = (_kAll, _vAll);
+        // On one rank the gradients of the whole sequence are the rank's own: written in place.
+        var (dKAll, dVAll) = _dK is null || _dV is null ? (dK, dV) : (_dK, _dV);
         _clock.Compute(() =>
         {
             var dOs = _local.Split("dO", dO);
@@ -76,19 +89,19 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
             for (int c = 0; c < Ranges.Count; c++)
             {
                 _backend.SoftmaxRowDot(_o[c], dOs[c], _drow[c]);
-                _backend.FlashBackward(_q[c], _k, _v, _lse[c], _drow[c], dOs[c], dQs[c], _dK, _dV,
+                _backend.FlashBackward(_q[c], kAll, vAll, _lse[c], _drow[c], dOs[c], dQs[c], dKAll, dVAll,
                     _options with { QueryOffset = Ranges[c].Start, Accumulate = c > 0 });
             }
             _local.Join(dQs, dQ);
         });
-        ScatterGradients(dK, dV);
+        if (_dK is not null && _dV is not null) ScatterGradients(dK, dV, _dK, _dV);
     }
 
     /// <summary>
     /// All-gathers of [K | V] of every rank (one when the whole sequence fits a staging piece), written into
     /// the global K and V on the device in global token order.
     /// </summary>
-    private void GatherKeysAndValues(DeviceTensor k, DeviceTensor v)
+    private void GatherKeysAndValues(DeviceTensor k, DeviceTensor v, DeviceTensor kAll, DeviceTensor vAll)
     {
         _clock.Communicate(() =>
         {
@@ -123,8 +136,8 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
                         for (int bb = 0; bb < b; bb++)
                         {
                             int at = local - lo;
-                            _k.CopyFromHost(_large.AsSpan(offset + (bb * len + at) * _kRow, count * _kRow), ((long)bb * n + global) * _kRow);
-                            _v.CopyFromHost(_large.AsSpan(offset + b * len * _kRow + (bb * len + at) * _vRow, count * _vRow), ((long)bb * n + global) * _vRow);
+                            kAll.CopyFromHost(_large.AsSpan(offset + (bb * len + at) * _kRow, count * _kRow), ((long)bb * n + global) * _kRow);
+                            vAll.CopyFromHost(_large.AsSpan(offset + b * len * _kRow + (bb * len + at) * _vRow, count * _vRow), ((long)bb * n + global) * _vRow);
                         }
                     offset += counts[r];
                 }
@@ -136,7 +149,7 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
     /// Reduce-scatters of [dK | dV] (one when it fits a staging piece): rank r receives the sum over ranks
     /// of its own rows, read straight from the global dK and dV on the device.
     /// </summary>
-    private void ScatterGradients(DeviceTensor dK, DeviceTensor dV)
+    private void ScatterGradients(DeviceTensor dK, DeviceTensor dV, DeviceTensor dKAll, DeviceTensor dVAll)
     {
         _clock.Communicate(() =>
         {
@@ -159,8 +172,8 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
                         for (int bb = 0; bb < b; bb++)
                         {
                             int at = local - lo;
-                            _dK.CopyToHost(send.Slice(r * block + (bb * len + at) * _kRow, count * _kRow), ((long)bb * n + global) * _kRow);
-                            _dV.CopyToHost(send.Slice(r * block + b * len * _kRow + (bb * len + at) * _vRow, count * _vRow), ((long)bb * n + global) * _vRow);
+                            dKAll.CopyToHost(send.Slice(r * block + (bb * len + at) * _kRow, count * _kRow), ((long)bb * n + global) * _kRow);
+                            dVAll.CopyToHost(send.Slice(r * block + b * len * _kRow + (bb * len + at) * _vRow, count * _vRow), ((long)bb * n + global) * _vRow);
                         }
                 }
                 HostBuffer.Grow(ref _small, block);
@@ -185,7 +198,7 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
 
     public void Dispose()
     {
-        _k.Dispose(); _v.Dispose(); _dK.Dispose(); _dV.Dispose();
+        _k?.Dispose(); _v?.Dispose(); _dK?.Dispose(); _dV?.Dispose();
         foreach (var t in _lse) t.Dispose();
         foreach (var t in _drow) t.Dispose();
         _local.Dispose();

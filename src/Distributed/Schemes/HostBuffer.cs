@@ -8,8 +8,8 @@ namespace Distributed.Schemes;
 /// </summary>
 internal static class HostBuffer
 {
-    /// <summary>The most floats one staged collective moves: 64M floats, 256 MiB.</summary>
-    public const long DefaultPieceFloats = 1L << 26;
+    /// <summary>The most floats one staged collective moves: 16M floats, 64 MiB (all-gather KV: 16K tokens at Hk·(D+Dv) = 1024).</summary>
+    public const long DefaultPieceFloats = 1L << 24;
 
     /// <summary>Tests lower the piece size for the ranks they start (it flows to their threads).</summary>
     internal static readonly AsyncLocal<long> PieceOverride = new();
