@@ -182,7 +182,7 @@ public sealed class SequenceParallelAttention : IDisposable
     /// The bytes one rank holds for a forward and backward step of this shape on <paramref name="ranks"/>
     /// ranks: its local shards of q, k, v, o, dO, dQ, dK and dV (the caller's tensors), what the scheme
     /// gathers or keeps for the backward pass (device tensors), and its host staging buffers. Kernel scratch
-    /// (a few MiB, plus up to 64 MiB of packed K/V on the CPU) is not included. Call it before the ranks
+    /// (a few MiB, plus up to 16 MiB of packed K/V per CPU backend, or one KV head if larger) is not included. Call it before the ranks
     /// start to refuse a shape early; 64-bit throughout, so any shape gives a number, never an overflow.
     /// </summary>
     /// <exception cref="ArgumentException">An invalid shape or option (the same checks as the constructor).</exception>

@@ -8,8 +8,8 @@ namespace Distributed.Schemes;
 /// </summary>
 internal static class HostBuffer
 {
-    /// <summary>The most floats one staged collective moves: 16M floats, 64 MiB (all-gather KV: 16K tokens at Hk·(D+Dv) = 1024).</summary>
-    public const long DefaultPieceFloats = 1L << 24;
+    /// <summary>The most floats one staged collective moves: 4M floats, 16 MiB (all-gather KV: 4K tokens at Hk·(D+Dv) = 1024).</summary>
+    public const long DefaultPieceFloats = 1L << 22;
 
     /// <summary>Tests lower the piece size for the ranks they start (it flows to their threads).</summary>
     internal static readonly AsyncLocal<long> PieceOverride = new();
