@@ -43,7 +43,11 @@ internal readonly record struct MemoryEstimate(long CallerFloats, long SchemeFlo
             }
             case ParallelScheme.Ring:
             {
-                scheme = 3 * b * h * t + b * t * oRow + 2 * b * t * 2 * (kRow + vRow) + (copiedParts ? b * t * (2 * qRow + 2 * oRow) : 0);
+                // The block on the device (K, V, dK, dV; one per distinct shard length), plus copies of its
+                // zigzag ranges where they cannot be views.
+                long blocks = n % chunks == 0 ? 1 : 2;
+                scheme = 3 * b * h * t + b * t * oRow + blocks * b * t * 2 * (kRow + vRow)
+                    + (copiedParts ? b * t * (2 * qRow + 2 * oRow + 2 * (kRow + vRow)) : 0);
                 staging = 2 * b * t * 2 * (kRow + vRow);
                 largest = b * t * 2 * (kRow + vRow);
                 break;
