@@ -32,6 +32,15 @@ public interface IKernelBackend : IDisposable
     void CopySlice(DeviceTensor source, int srcStart, DeviceTensor destination, int dstStart, int count, int axis);
 
     /// <summary>
+    /// A tensor that aliases tokens <c>[start, start + count)</c> (axis 1) of <paramref name="source"/>
+    /// without copying, or null when this backend cannot alias them (callers then copy with
+    /// <see cref="CopySlice"/>). Aliasing needs every dimension before axis 1 to be 1, so the rows are one
+    /// contiguous run. The view reads and writes the source's memory, is valid only while the source lives,
+    /// and disposing it frees nothing. The default returns null.
+    /// </summary>
+    DeviceTensor? TryView(DeviceTensor source, int start, int count) => null;
+
+    /// <summary>
     /// Softmax attention forward over one K/V block: writes O <c>[B,Nq,H,Dv]</c> and LSE <c>[B,H,Nq]</c>
     /// (natural log, of the scaled scores). A row that sees no key gets LSE = -inf and O = 0.
     /// </summary>

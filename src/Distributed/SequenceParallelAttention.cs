@@ -104,9 +104,10 @@ public sealed class SequenceParallelAttention : IDisposable
         ArgumentNullException.ThrowIfNull(shape);
         ArgumentNullException.ThrowIfNull(options);
         Validate(shape, options);
-        _clock = new PhaseClock(backend);
         _shape = shape;
         var layout = options.Layout ?? DefaultLayout(options);
+        CheckMemory(shape, options, layout, communicator.Size, communicator is InProcessCommunicator ? communicator.Size : 1, backend);
+        _clock = new PhaseClock(backend);
         _scheme = options.Scheme switch
         {
             ParallelScheme.Lasp2 => new LaspLinearAttention(communicator, backend, shape, options, layout, _clock),
@@ -198,6 +199,45 @@ public sealed class SequenceParallelAttention : IDisposable
         if (p < heads) slopes.AddRange(PowerOfTwo(2 * p).Where((_, i) => i % 2 == 0).Take(heads - p));
         return slopes.Select(s => (float)Math.Exp(-s)).ToArray();
     }
+
+    /// <summary>
+    /// The bytes one rank holds for a forward and backward step of this shape on <paramref name="ranks"/>
+    /// ranks: its local shards of q, k, v, o, dO, dQ, dK and dV (the caller's tensors), what the scheme
+    /// gathers or keeps for the backward pass (device tensors), and its host staging buffers. Kernel scratch
+    /// (a few MiB, plus up to 16 MiB of packed K/V per CPU backend, or one KV head if larger) is not included. Call it before the ranks
+    /// start to refuse a shape early; 64-bit throughout, so any shape gives a number, never an overflow.
+    /// </summary>
+    /// <exception cref="ArgumentException">An invalid shape or option (the same checks as the constructor).</exception>
+    public static long EstimateBytesPerRank(AttentionShape shape, SequenceParallelOptions options, int ranks)
+    {
+        ArgumentNullException.ThrowIfNull(shape);
+        ArgumentNullException.ThrowIfNull(options);
+        if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks), ranks, "At least one rank.");
+        Validate(shape, options);
+        return MemoryEstimate.For(shape, options, ranks, options.Layout ?? DefaultLayout(options)).TotalBytes;
+    }
+
+    /// <summary>
+    /// Refuses, with the bytes needed per rank, a shape whose rank data cannot be held: one buffer or
+    /// collective past what one array holds (schemes other than all-gather KV stage whole tensors), or,
+    /// on the CPU backend, more than this machine's memory for the ranks of this process.
+    /// </summary>
+    private static void CheckMemory(AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, int ranks, int ranksInProcess, IKernelBackend backend)
+    {
+        var e = MemoryEstimate.For(shape, options, ranks, layout);
+        string what = $"{options.Scheme} over {ranks} rank(s) at B={shape.Batch}, N={shape.SeqLen}, H={shape.Heads}, Hk={shape.KvHeads}, D={shape.HeadDim}, Dv={shape.ValueDim}";
+        string need = $"needs {Gib(e.TotalBytes)} per rank ({Gib(e.CallerFloats * 4L)} of local q, k, v, o and gradients, {Gib(e.SchemeFloats * 4L)} of scheme tensors, {Gib(e.StagingFloats * 4L)} of host staging)";
+        if (e.LargestSingleFloats > Array.MaxLength)
+            throw new ArgumentException($"{what} {need}, and one of its buffers or collectives would hold {e.LargestSingleFloats:N0} floats, more than the {Array.MaxLength:N0} one array or one collective takes; use more ranks or a shorter sequence.", nameof(shape));
+        if (backend is Distributed.Kernels.Cpu.CpuBackend)
+        {
+            long available = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
+            if (available > 0 && e.TotalBytes > available / ranksInProcess)
+                throw new ArgumentException($"{what} {need}, but this machine has {Gib(available)} for {ranksInProcess} rank(s) in this process; use more ranks (machines) or a shorter sequence.", nameof(shape));
+        }
+    }
+
+    private static string Gib(long bytes) => bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):F1} GiB" : $"{bytes / (double)(1L << 20):F1} MiB";
 
     private static ShardLayout DefaultLayout(SequenceParallelOptions o) =>
         o.Causal && (o.Scheme is ParallelScheme.Lasp2 or ParallelScheme.AllGather or ParallelScheme.Ring

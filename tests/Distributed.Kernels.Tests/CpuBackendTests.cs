@@ -46,6 +46,51 @@ public sealed class CpuBackendTests : KernelBackendContract
     }
 }
 
+/// <summary>
+/// The contract with a packing budget of one float: the softmax forward packs K and V one KV head per
+/// pass, the path very long sequences take (the buffer never holds all of K and V).
+/// </summary>
+public sealed class CpuBackendOneHeadPackingTests : KernelBackendContract
+{
+    protected override IKernelBackend CreateBackend() => new CpuBackend(2) { PackBudget = 1 };
+
+    [Fact]
+    public void TensorsAreNativeMemory_FreedOnDispose()
+    {
+        long before = CpuTensor.TotalAllocatedBytes;
+        using var backend = new CpuBackend(1);
+        var t = backend.Allocate(2, 3, 4, 5);
+        Assert.True(CpuTensor.TotalAllocatedBytes - before >= 2 * 3 * 4 * 5 * sizeof(float));
+        var x = new float[120];
+        t.CopyToHost(x);
+        Assert.All(x, v => Assert.Equal(0f, v)); // zero-filled
+        t.CopyFromHost([1f, 2f], 118);
+        t.CopyToHost(x.AsSpan(0, 2), 118);
+        Assert.Equal([1f, 2f], x[..2]);
+        Assert.Throws<ArgumentOutOfRangeException>(() => t.CopyFromHost([1f, 2f], 119));
+        unsafe { Assert.Equal(0L, (long)((CpuTensor)t).Pointer % 64); }
+        t.Dispose();
+    }
+
+    [Fact]
+    public void TryView_AliasesTokensOfABatchOfOne_AndRefusesLargerBatches()
+    {
+        using var backend = new CpuBackend(1);
+        using var t = backend.Allocate(1, 10, 2, 3);
+        t.CopyFromHost(Enumerable.Range(0, 60).Select(i => (float)i).ToArray());
+        using var view = backend.TryView(t, 4, 3)!;
+        Assert.Equal([1, 3, 2, 3], view.Shape);
+        var x = new float[18];
+        view.CopyToHost(x);
+        Assert.Equal(Enumerable.Range(24, 18).Select(i => (float)i), x);
+        view.CopyFromHost([-1f], 17);
+        t.CopyToHost(x.AsSpan(0, 1), 41);
+        Assert.Equal(-1f, x[0]); // writes reach the source
+        using var b2 = backend.Allocate(2, 10, 2, 3);
+        Assert.Null(backend.TryView(b2, 0, 5));
+    }
+}
+
 /// <summary>The same contract with AVX-512 and AVX2 switched off: the scalar fallback must be right too.</summary>
 [Collection(nameof(ScalarPathCollection))]
 public sealed class CpuScalarPathTests : KernelBackendContract

@@ -18,7 +18,7 @@ public sealed class SchemeTests(ITestOutputHelper output)
     private const double Tolerance = 1e-4;
 
     public sealed record Case(string Name, AttentionKind Attention, ParallelScheme Scheme, bool Causal, ShardLayout? Layout, float[]? Decay,
-        int N = 100, int H = 4, int Hk = 2, int D = 16, int Dv = 24, int B = 1, int Ph = 0, ParallelScheme Across = ParallelScheme.AllGather)
+        int N = 100, int H = 4, int Hk = 2, int D = 16, int Dv = 24, int B = 1, int Ph = 0, ParallelScheme Across = ParallelScheme.AllGather, long Piece = 0)
     {
         public override string ToString() => Name;
     }
@@ -33,6 +33,7 @@ public sealed class SchemeTests(ITestOutputHelper output)
         new("lasp2 non-causal zigzag GQA 4/1", AttentionKind.Lightning, ParallelScheme.Lasp2, false, ShardLayout.Zigzag, null, Hk: 1),
         new("allgather causal zigzag", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Zigzag, null),
         new("allgather causal contiguous B=2", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Contiguous, null, B: 2),
+        new("allgather causal zigzag B=2, staged in 500-float pieces", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Zigzag, null, B: 2, Piece: 500),
         new("allgather non-causal GQA 4/1", AttentionKind.Softmax, ParallelScheme.AllGather, false, null, null, Hk: 1),
         new("ring causal zigzag", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Zigzag, null),
         new("ring causal contiguous B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Contiguous, null, Hk: 1, B: 2),
@@ -114,6 +115,8 @@ public sealed class SchemeTests(ITestOutputHelper output)
             UlyssesDegree = c.Ph, HybridSequenceScheme = c.Across,
         };
         var global = new Global(new float[o_len(c)], new float[q.Length], new float[k.Length], new float[v.Length]);
+        // A small staging piece makes the schemes split their collectives, as they do past 2^26 floats.
+        Distributed.Schemes.HostBuffer.PieceOverride.Value = c.Piece;
         InProcessCommunicator.Run(ranks, comm =>
         {
             using var backend = new CpuBackend(1);

@@ -1,11 +1,13 @@
 namespace Distributed.Kernels.Cpu;
 
 /// <summary>
-/// The vectorised, multi-threaded CPU backend: the path without a GPU. Tensors are pinned fp32 arrays
+/// The vectorised, multi-threaded CPU backend: the path without a GPU. Tensors are native fp32 memory
 /// (<see cref="CpuTensor"/>); operations run on up to <see cref="Threads"/> threads with per-thread
-/// scratch reused across calls, so a steady-state step allocates nothing but its task bookkeeping.
+/// scratch of a few tiles reused across calls, so a steady-state step allocates nothing but its task
+/// bookkeeping. The softmax forward packs K and V a bounded number of KV heads at a time
+/// (<see cref="PackBudgetFloats"/>), never a second copy of the whole of K and V.
 /// </summary>
-public sealed class CpuBackend : IKernelBackend
+public sealed unsafe class CpuBackend : IKernelBackend
 {
     /// <summary>Creates the backend.</summary>
     /// <param name="threads">Worker threads; 0 means <see cref="Environment.ProcessorCount"/>.</param>
@@ -26,8 +28,21 @@ public sealed class CpuBackend : IKernelBackend
     /// <inheritdoc/>
     public DeviceTensor Allocate(params int[] shape) => new CpuTensor(shape);
 
+    /// <summary>
+    /// The most floats the softmax forward packs at once (K transposed and V in 64-key tiles): whole KV
+    /// heads up to this budget, at least one. 4M floats = 16 MiB (one head at N = 16K, D = Dv = 64 is 8 MiB).
+    /// </summary>
+    public const long PackBudgetFloats = 1L << 22;
+
+    /// <summary>The packing budget in floats (tests lower it to exercise several packing passes).</summary>
+    internal long PackBudget { get; init; } = PackBudgetFloats;
+
     /// <inheritdoc/>
-    public void Clear(DeviceTensor tensor) => Cpu(tensor, nameof(tensor)).Span.Clear();
+    public void Clear(DeviceTensor tensor)
+    {
+        var t = Cpu(tensor, nameof(tensor));
+        NativeBuffer.Clear(t.Pointer, t.Length);
+    }
 
     /// <inheritdoc/>
     public void CopySlice(DeviceTensor source, int srcStart, DeviceTensor destination, int dstStart, int count, int axis)
@@ -44,11 +59,23 @@ public sealed class CpuBackend : IKernelBackend
         long outer = 1, inner = 1;
         for (int d = 0; d < axis; d++) outer *= src.Shape[d];
         for (int d = axis + 1; d < src.Shape.Count; d++) inner *= src.Shape[d];
-        var s = src.Span;
-        var t = dst.Span;
+        float* s = src.Pointer, t = dst.Pointer;
         for (long o = 0; o < outer; o++)
-            s.Slice((int)((o * src.Shape[axis] + srcStart) * inner), (int)(count * inner))
-             .CopyTo(t.Slice((int)((o * dst.Shape[axis] + dstStart) * inner), (int)(count * inner)));
+            NativeBuffer.Copy(s + (o * src.Shape[axis] + srcStart) * inner, t + (o * dst.Shape[axis] + dstStart) * inner, count * inner);
+    }
+
+    /// <inheritdoc/>
+    public DeviceTensor? TryView(DeviceTensor source, int start, int count)
+    {
+        var src = Cpu(source, nameof(source));
+        if (src.Shape.Count < 2 || start < 0 || count < 0 || (long)start + count > src.Shape[1])
+            throw new ArgumentOutOfRangeException(nameof(count), count, $"Tokens [{start}, +{count}) are outside axis 1 of {source}.");
+        if (src.Shape[0] != 1) return null;
+        long inner = 1;
+        for (int d = 2; d < src.Shape.Count; d++) inner *= src.Shape[d];
+        int[] shape = [.. src.Shape];
+        shape[1] = count;
+        return new CpuTensor(shape, src.Pointer + start * inner);
     }
 
     /// <inheritdoc/>
@@ -59,7 +86,7 @@ public sealed class CpuBackend : IKernelBackend
         AttentionDims.Expect(lse, nameof(lse), x.B, x.H, x.Nq);
         // The shared Kᵀ buffer makes two concurrent forwards on one backend unsafe; serialise them.
         lock (_keysTransposed)
-            CpuFlashAttention.Forward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(o, nameof(o)), Cpu(lse, nameof(lse)), x, options, Threads, _keysTransposed);
+            CpuFlashAttention.Forward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(o, nameof(o)), Cpu(lse, nameof(lse)), x, options, Threads, _keysTransposed, PackBudget);
     }
 
     /// <inheritdoc/>
@@ -97,19 +124,19 @@ public sealed class CpuBackend : IKernelBackend
         AttentionDims.Expect(oB, nameof(oB), b, n, h, dv);
         AttentionDims.Expect(lseA, nameof(lseA), b, h, n);
         AttentionDims.Expect(lseB, nameof(lseB), b, h, n);
-        var a = Cpu(oA, nameof(oA)).Span; var la = Cpu(lseA, nameof(lseA)).Span;
-        var ob = Cpu(oB, nameof(oB)).Span; var lb = Cpu(lseB, nameof(lseB)).Span;
+        float* a = Cpu(oA, nameof(oA)).Pointer, la = Cpu(lseA, nameof(lseA)).Pointer;
+        float* ob = Cpu(oB, nameof(oB)).Pointer, lb = Cpu(lseB, nameof(lseB)).Pointer;
         for (int bb = 0; bb < b; bb++)
             for (int hh = 0; hh < h; hh++)
                 for (int i = 0; i < n; i++)
                 {
-                    int li = (bb * h + hh) * n + i;
+                    long li = ((long)bb * h + hh) * n + i;
                     float x = la[li], y = lb[li];
                     if (float.IsNegativeInfinity(y)) continue;
-                    int off = ((bb * n + i) * h + hh) * dv;
+                    long off = (((long)bb * n + i) * h + hh) * dv;
                     if (float.IsNegativeInfinity(x))
                     {
-                        ob.Slice(off, dv).CopyTo(a.Slice(off, dv));
+                        new ReadOnlySpan<float>(ob + off, dv).CopyTo(new Span<float>(a + off, dv));
                         la[li] = y;
                         continue;
                     }
@@ -190,7 +217,10 @@ public sealed class CpuBackend : IKernelBackend
     public void Synchronize() { }
 
     /// <inheritdoc/>
-    public void Dispose() { }
+    public void Dispose()
+    {
+        lock (_keysTransposed) _keysTransposed.Dispose();
+    }
 
     private static AttentionDims LightningDims(DeviceTensor q, DeviceTensor k, DeviceTensor v, ReadOnlySpan<float> decay)
     {

@@ -14,31 +14,40 @@ internal static unsafe class CpuFlashAttention
     private const float Log2E = 1.4426950408889634f;
     private const float Ln2 = 0.6931471805599453f;
 
-    public static void Forward(CpuTensor q, CpuTensor k, CpuTensor v, CpuTensor o, CpuTensor lse, AttentionDims x, in FlashOptions opt, int threads, PinnedBuffer keysTransposed)
+    public static void Forward(CpuTensor q, CpuTensor k, CpuTensor v, CpuTensor o, CpuTensor lse, AttentionDims x, in FlashOptions opt, int threads, PinnedBuffer keysTransposed, long packBudget)
     {
         int qTiles = (x.Nq + T - 1) / T;
-        int tasks = x.B * x.H * qTiles;
         var options = opt;
         float c = opt.ScaleFor(x.D) * Log2E;
         float* Q = q.Pointer, K = k.Pointer, V = v.Pointer, O = o.Pointer, L = lse.Pointer;
-        // K and V packed once per call into contiguous 64-key tiles, [B, Hk, tiles, D, 64] (Kᵀ) and
-        // [B, Hk, tiles, 64, DvP], zero-padded: every query tile reads them with short strides.
+        // K and V are packed into contiguous 64-key tiles, [heads, tiles, D, 64] (Kᵀ) and [heads, tiles, 64, DvP],
+        // zero-padded, so every query tile reads them with short strides. Whole KV heads are packed a pass at
+        // a time, as many as fit CpuBackend.PackBudgetFloats (at least one): the buffer never holds a second
+        // copy of all of K and V.
         int kTiles = (x.Nk + T - 1) / T, DvP = CpuMath.Pad(x.Dv);
-        long ktTile = (long)x.D * T, vTileSize = (long)T * DvP;
-        float* KT = keysTransposed.Get((long)x.B * x.Hk * kTiles * (ktTile + vTileSize));
-        float* VP = KT + (long)x.B * x.Hk * kTiles * ktTile;
-        CpuParallel.For(x.B * x.Hk * kTiles, threads, t =>
+        long ktTile = (long)x.D * T, vTileSize = (long)T * DvP, perHead = Math.Max(1L, kTiles * (ktTile + vTileSize));
+        int kvHeads = x.B * x.Hk;
+        int perPass = (int)Math.Clamp(packBudget / perHead, 1, kvHeads);
+        float* KT = keysTransposed.Get(perPass * perHead);
+        float* VP = KT + perPass * kTiles * ktTile;
+        for (int first = 0; first < kvHeads; first += perPass)
         {
-            int jt = t % kTiles, bhk = t / kTiles, b = bhk / x.Hk, hk = bhk % x.Hk;
-            int tl = Math.Min(T, x.Nk - jt * T);
-            LoadKeyTileTransposed(K, x, b, hk, jt * T, tl, KT + t * ktTile);
-            LoadRows(V, x.Nk, x.Hk, x.Dv, b, hk, jt * T, tl, DvP, VP + t * vTileSize);
-        });
-        CpuParallel.For(tasks, threads, t =>
-        {
-            int qt = t % qTiles, bh = t / qTiles, h = bh % x.H, b = bh / x.H;
-            ForwardTile(Q, KT, VP, kTiles, O, L, x, options, c, b, h, qt * T);
-        }, options.Causal ? HeaviestLastTileFirst(x.B * x.H, qTiles) : null);
+            int count = Math.Min(perPass, kvHeads - first), head0 = first;
+            CpuParallel.For(count * kTiles, threads, t =>
+            {
+                int jt = t % kTiles, bhk = head0 + t / kTiles, b = bhk / x.Hk, hk = bhk % x.Hk;
+                int tl = Math.Min(T, x.Nk - jt * T);
+                LoadKeyTileTransposed(K, x, b, hk, jt * T, tl, KT + t * ktTile);
+                LoadRows(V, x.Nk, x.Hk, x.Dv, b, hk, jt * T, tl, DvP, VP + t * vTileSize);
+            });
+            int heads = count * x.Group;
+            CpuParallel.For(heads * qTiles, threads, t =>
+            {
+                int qt = t % qTiles, rest = t / qTiles, g = rest % x.Group, slot = rest / x.Group;
+                int bhk = head0 + slot, b = bhk / x.Hk, h = bhk % x.Hk * x.Group + g;
+                ForwardTile(Q, KT + slot * kTiles * ktTile, VP + slot * kTiles * vTileSize, O, L, x, options, c, b, h, qt * T);
+            }, options.Causal ? HeaviestLastTileFirst(heads, qTiles) : null);
+        }
     }
 
     /// <summary>Task order for causal work: the last query tiles (most keys) of every head first.</summary>
@@ -51,9 +60,10 @@ internal static unsafe class CpuFlashAttention
         return order;
     }
 
-    private static void ForwardTile(float* Q, float* KT, float* VP, int kTiles, float* O, float* L, AttentionDims x, in FlashOptions opt, float c, int b, int h, int i0)
+    /// <summary>One query tile of head h against its KV head's packed tiles (<paramref name="KT"/>, <paramref name="VP"/> start at its tile 0).</summary>
+    private static void ForwardTile(float* Q, float* KT, float* VP, float* O, float* L, AttentionDims x, in FlashOptions opt, float c, int b, int h, int i0)
     {
-        int D = x.D, Dv = x.Dv, DvP = CpuMath.Pad(Dv), hk = h / x.Group;
+        int D = x.D, Dv = x.Dv, DvP = CpuMath.Pad(Dv);
         int rows = Math.Min(T, x.Nq - i0);
         float* qs = CpuParallel.Scratch((long)T * D + (long)D * T + (long)T * DvP + T * T + (long)T * DvP + 2 * T);
         float* kt = qs + T * D, vt = kt + D * T, s = vt + T * DvP, acc = s + T * T, m = acc + T * DvP, l = m + T;
@@ -70,7 +80,7 @@ internal static unsafe class CpuFlashAttention
         for (int j0 = 0; j0 < jEnd; j0 += T)
         {
             int tl = Math.Min(T, x.Nk - j0);
-            long tile = ((long)b * x.Hk + hk) * kTiles + j0 / T;
+            long tile = j0 / T;
             float* ktTile = KT + tile * D * T, vTile = VP + tile * T * DvP;
             CpuMath.Gemm(rows, T, D, qs, 1, D, ktTile, T, s, T, false);
             for (int r = 0; r < rows; r++)

@@ -1,6 +1,3 @@
-using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
-
 namespace Distributed.Kernels.Cpu;
 
 /// <summary>
@@ -9,8 +6,8 @@ namespace Distributed.Kernels.Cpu;
 /// </summary>
 internal static unsafe class CpuParallel
 {
-    [ThreadStatic] private static float[]? _scratch;
-    [ThreadStatic] private static IntPtr _scratchPtr;
+    // Per-thread scratch of a few 64-row tiles: native, freed by the finalizer when the thread ends.
+    [ThreadStatic] private static NativeBuffer? _scratch;
 
     /// <summary>
     /// Runs <paramref name="body"/> for every task index in [0, count) on up to <paramref name="threads"/>
@@ -36,29 +33,39 @@ internal static unsafe class CpuParallel
     /// <summary>This thread's scratch of at least <paramref name="floats"/> floats (pinned, reused, not cleared).</summary>
     public static float* Scratch(long floats)
     {
-        if (_scratch is null || _scratch.Length < floats)
+        if (_scratch is null || _scratch.Floats < floats)
         {
-            _scratch = GC.AllocateUninitializedArray<float>((int)Math.Max(floats, 1 << 16), pinned: true);
-            _scratchPtr = (IntPtr)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_scratch));
+            _scratch?.Dispose();
+            _scratch = new NativeBuffer(Math.Max(floats, 1 << 16), zero: false);
         }
-        return (float*)_scratchPtr;
+        return _scratch.Pointer;
     }
 }
 
-/// <summary>A grow-only pinned buffer owned by one backend (so concurrent in-process ranks never share it).</summary>
-internal sealed unsafe class PinnedBuffer
+/// <summary>
+/// A grow-only native buffer owned by one backend (so concurrent in-process ranks never share it), freed
+/// with the backend.
+/// </summary>
+internal sealed unsafe class PinnedBuffer : IDisposable
 {
-    private float[]? _data;
-    private float* _pointer;
+    private NativeBuffer? _data;
 
     /// <summary>At least <paramref name="floats"/> floats, reused from call to call (contents undefined).</summary>
     public float* Get(long floats)
     {
-        if (_data is null || _data.Length < floats)
+        if (_data is null || _data.Floats < floats)
         {
-            _data = GC.AllocateUninitializedArray<float>((int)Math.Max(floats, 1024), pinned: true);
-            _pointer = (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_data));
+            _data?.Dispose();
+            _data = null;
+            _data = new NativeBuffer(Math.Max(floats, 1024), zero: false);
         }
-        return _pointer;
+        return _data.Pointer;
+    }
+
+    /// <summary>Frees the buffer; a later <see cref="Get"/> allocates again.</summary>
+    public void Dispose()
+    {
+        _data?.Dispose();
+        _data = null;
     }
 }

@@ -1,43 +1,63 @@
-using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
-
 namespace Distributed.Kernels.Cpu;
 
-/// <summary>A tensor of the CPU backend: a pinned fp32 array, so kernels address it by pointer.</summary>
+/// <summary>
+/// A tensor of the CPU backend: native fp32 memory (not a managed array), so its element
+/// count is limited only by memory, never by 2^31, and kernels address it by pointer. Freed by
+/// <see cref="DeviceTensor.Dispose()"/>, or by the finalizer of its buffer if the tensor is forgotten.
+/// </summary>
 public sealed unsafe class CpuTensor : DeviceTensor
 {
-    private readonly float[] _data;
+    private readonly NativeBuffer? _buffer;   // null for a view, which owns nothing
 
     internal CpuTensor(int[] shape) : base(shape)
     {
-        if (Length > Array.MaxLength) throw new ArgumentException($"A CPU tensor holds at most {Array.MaxLength} elements; {this} has {Length}.", nameof(shape));
-        _data = GC.AllocateArray<float>((int)Length, pinned: true);
-        Pointer = (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_data));
+        _buffer = new NativeBuffer(Length, zero: true);
+        Pointer = _buffer.Pointer;
     }
 
-    /// <summary>The first element; valid for the tensor's lifetime (the array is pinned).</summary>
+    /// <summary>A view of <paramref name="shape"/> over memory another tensor owns.</summary>
+    internal CpuTensor(int[] shape, float* pointer) : base(shape) => Pointer = pointer;
+
+    /// <summary>The first element; valid until the tensor is disposed.</summary>
     internal float* Pointer { get; }
 
-    /// <summary>The elements.</summary>
-    internal Span<float> Span => _data;
+    /// <summary>Native bytes ever allocated by CPU tensors and CPU kernel buffers in this process.</summary>
+    public static long TotalAllocatedBytes => NativeBuffer.TotalAllocatedBytes;
+
+    /// <summary>Native bytes held now by CPU tensors and CPU kernel buffers in this process.</summary>
+    public static long LiveBytes => NativeBuffer.LiveBytes;
+
+    /// <summary>Elements <c>[offset, offset + count)</c> as a span (<paramref name="count"/> fits an int).</summary>
+    internal Span<float> Slice(long offset, int count)
+    {
+        CheckRange(offset, count);
+        return new Span<float>(Pointer + offset, count);
+    }
 
     /// <inheritdoc/>
     public override void CopyFromHost(ReadOnlySpan<float> source, long offset = 0)
     {
         CheckRange(offset, source.Length);
-        source.CopyTo(_data.AsSpan((int)offset, source.Length));
+        source.CopyTo(new Span<float>(Pointer + offset, source.Length));
     }
 
     /// <inheritdoc/>
     public override void CopyToHost(Span<float> destination, long offset = 0)
     {
         CheckRange(offset, destination.Length);
-        _data.AsSpan((int)offset, destination.Length).CopyTo(destination);
+        new ReadOnlySpan<float>(Pointer + offset, destination.Length).CopyTo(destination);
+    }
+
+    /// <inheritdoc/>
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _buffer?.Dispose();
+        base.Dispose(disposing);
     }
 
     private void CheckRange(long offset, int count)
     {
-        if (offset < 0 || offset + count > Length)
+        if (offset < 0 || count < 0 || offset + count > Length)
             throw new ArgumentOutOfRangeException(nameof(offset), offset, $"Elements [{offset}, {offset + count}) are outside tensor {this} of {Length} elements.");
     }
 }

@@ -8,7 +8,10 @@ namespace Distributed.Schemes;
 /// of every rank's K and V (packed together), then each local query chunk attends to the whole sequence
 /// with its global offset (causal masking skips the future). Backward: each rank computes dK and dV over
 /// the whole sequence for its queries, and <b>one reduce-scatter</b> returns every rank's share to its owner.
-/// Zigzag sharding balances causal work. Bytes grow linearly with N.
+/// Zigzag sharding balances causal work. Bytes grow linearly with N. Host staging is bounded: the
+/// collectives run in pieces of at most <see cref="HostBuffer.PieceFloats"/> floats (one piece up to
+/// tens of thousands of tokens), each piece going straight between the staging buffer and the device
+/// tensors, so no collective ever passes 2^31 floats and no host copy of the whole K and V is kept.
 /// </summary>
 internal sealed class AllGatherSoftmaxAttention : IScheme
 {
@@ -21,10 +24,11 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
     private readonly int[] _rankTokens;
     private readonly LocalChunks _local;
     private readonly int _kRow, _vRow;
-    private readonly DeviceTensor _k, _v, _dK, _dV;
+    private readonly DeviceTensor? _k, _v, _dK, _dV;   // the whole sequence's K, V, dK, dV (not needed on one rank)
     private readonly DeviceTensor[] _lse, _drow;
-    private float[] _kvSend = [], _kvGathered = [], _kGlobal = [], _vGlobal = [], _scatterSend = [], _scatterReceive = [];
+    private float[] _small = [], _large = [];  // this rank's piece / every rank's piece
     private DeviceTensor[]? _q, _o;
+    private DeviceTensor? _kAll, _vAll;
 
     public AllGatherSoftmaxAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
     {
@@ -39,10 +43,13 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
         _local = new LocalChunks(backend, Ranges);
         _kRow = shape.KvHeads * shape.HeadDim;
         _vRow = shape.KvHeads * shape.ValueDim;
-        _k = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
-        _v = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
-        _dK = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
-        _dV = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
+        if (comm.Size > 1)
+        {
+            _k = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
+            _v = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
+            _dK = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.HeadDim);
+            _dV = backend.Allocate(shape.Batch, shape.SeqLen, shape.KvHeads, shape.ValueDim);
+        }
         _lse = Ranges.Select(r => backend.Allocate(shape.Batch, shape.Heads, r.Count)).ToArray();
         _drow = Ranges.Select(r => backend.Allocate(shape.Batch, shape.Heads, r.Count)).ToArray();
     }
@@ -51,13 +58,19 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
 
     public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
-        GatherKeysAndValues(k, v);
+        // One rank holds the whole sequence in global order (either layout): its K and V are the gathered ones.
+        if (_k is null || _v is null) (_kAll, _vAll) = (k, v);
+        else
+        {
+            GatherKeysAndValues(k, v, _k, _v);
+            (_kAll, _vAll) = (_k, _v);
+        }
         _clock.Compute(() =>
         {
             var qs = _local.Split("q", q);
             var os = _local.Output("o", o);
             for (int c = 0; c < Ranges.Count; c++)
-                _backend.FlashForward(qs[c], _k, _v, os[c], _lse[c], _options with { QueryOffset = Ranges[c].Start });
+                _backend.FlashForward(qs[c], _kAll, _vAll, os[c], _lse[c], _options with { QueryOffset = Ranges[c].Start });
             _local.Join(os, o);
             (_q, _o) = (qs, os);
         });
@@ -65,7 +78,10 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
 
     public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
     {
-        if (_q is null || _o is null) throw new InvalidOperationException("Call Forward before Backward: the backward pass reuses the forward's gathered K/V, output and LSE.");
+        if (_q is null || _o is null || _kAll is null || _vAll is null) throw new InvalidOperationException("Call Forward before Backward: the backward pass reuses the forward's gathered K/V, output and LSE.");
+        var (kAll, vAll) = (_kAll, _vAll);
+        // On one rank the gradients of the whole sequence are the rank's own: written in place.
+        var (dKAll, dVAll) = _dK is null || _dV is null ? (dK, dV) : (_dK, _dV);
         _clock.Compute(() =>
         {
             var dOs = _local.Split("dO", dO);
@@ -76,68 +92,112 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
                 // Accumulate sums dK and dV over the chunks, but it also adds into dQ: chunk c's dQ part
                 // must start at zero, not at the last step's value.
                 if (c > 0) _backend.Clear(dQs[c]);
-                _backend.FlashBackward(_q[c], _k, _v, _lse[c], _drow[c], dOs[c], dQs[c], _dK, _dV,
+                _backend.FlashBackward(_q[c], kAll, vAll, _lse[c], _drow[c], dOs[c], dQs[c], dKAll, dVAll,
                     _options with { QueryOffset = Ranges[c].Start, Accumulate = c > 0 });
             }
             _local.Join(dQs, dQ);
         });
-        ScatterGradients(dK, dV);
+        if (_dK is not null && _dV is not null) ScatterGradients(dK, dV, _dK, _dV);
     }
 
-    /// <summary>One all-gather of [K | V] of every rank, rebuilt in global token order on the device.</summary>
-    private void GatherKeysAndValues(DeviceTensor k, DeviceTensor v)
+    /// <summary>
+    /// All-gathers of [K | V] of every rank (one when the whole sequence fits a staging piece), written into
+    /// the global K and V on the device in global token order.
+    /// </summary>
+    private void GatherKeysAndValues(DeviceTensor k, DeviceTensor v, DeviceTensor kAll, DeviceTensor vAll)
     {
         _clock.Communicate(() =>
         {
-            int b = _s.Batch, n = _s.SeqLen;
-            int mine = _rankTokens[_comm.Rank];
-            HostBuffer.Grow(ref _kvSend, (long)b * mine * (_kRow + _vRow));
-            k.CopyToHost(_kvSend.AsSpan(0, b * mine * _kRow));
-            v.CopyToHost(_kvSend.AsSpan(b * mine * _kRow, b * mine * _vRow));
-            var counts = _rankTokens.Select(t => b * t * (_kRow + _vRow)).ToArray();
-            HostBuffer.Grow(ref _kvGathered, counts.Sum(c => (long)c));
-            _comm.AllGatherVariable(_kvSend.AsSpan(0, counts[_comm.Rank]), _kvGathered.AsSpan(0, counts.Sum()), counts);
-            HostBuffer.Grow(ref _kGlobal, (long)b * n * _kRow);
-            HostBuffer.Grow(ref _vGlobal, (long)b * n * _vRow);
-            int offset = 0;
-            for (int r = 0; r < _comm.Size; r++)
+            int b = _s.Batch, n = _s.SeqLen, p = _comm.Size, me = _comm.Rank;
+            int width = _kRow + _vRow;
+            int pieces = HostBuffer.Pieces((long)b * n * width, (long)b * _rankTokens.Max() * width * p);
+            var counts = new int[p];
+            for (int i = 0; i < pieces; i++)
             {
-                int t = _rankTokens[r];
-                Sharding.PutLocal(_kvGathered.AsSpan(offset, b * t * _kRow), _kGlobal.AsSpan(0, b * n * _kRow), b, n, _kRow, _rankRanges[r]);
-                Sharding.PutLocal(_kvGathered.AsSpan(offset + b * t * _kRow, b * t * _vRow), _vGlobal.AsSpan(0, b * n * _vRow), b, n, _vRow, _rankRanges[r]);
-                offset += counts[r];
+                for (int r = 0; r < p; r++)
+                {
+                    var (lo, hi) = Piece(r, i, pieces);
+                    counts[r] = b * (hi - lo) * width;
+                }
+                var (myLo, myHi) = Piece(me, i, pieces);
+                int myLen = myHi - myLo;
+                HostBuffer.Grow(ref _small, counts[me]);
+                for (int bb = 0; bb < b; bb++)
+                {
+                    k.CopyToHost(_small.AsSpan(bb * myLen * _kRow, myLen * _kRow), ((long)bb * _rankTokens[me] + myLo) * _kRow);
+                    v.CopyToHost(_small.AsSpan(b * myLen * _kRow + bb * myLen * _vRow, myLen * _vRow), ((long)bb * _rankTokens[me] + myLo) * _vRow);
+                }
+                int total = counts.Sum();
+                HostBuffer.Grow(ref _large, total);
+                _comm.AllGatherVariable(_small.AsSpan(0, counts[me]), _large.AsSpan(0, total), counts);
+                int offset = 0;
+                for (int r = 0; r < p; r++)
+                {
+                    var (lo, hi) = Piece(r, i, pieces);
+                    int len = hi - lo;
+                    foreach (var (local, global, count) in Sharding.LocalToGlobal(_rankRanges[r], lo, hi))
+                        for (int bb = 0; bb < b; bb++)
+                        {
+                            int at = local - lo;
+                            kAll.CopyFromHost(_large.AsSpan(offset + (bb * len + at) * _kRow, count * _kRow), ((long)bb * n + global) * _kRow);
+                            vAll.CopyFromHost(_large.AsSpan(offset + b * len * _kRow + (bb * len + at) * _vRow, count * _vRow), ((long)bb * n + global) * _vRow);
+                        }
+                    offset += counts[r];
+                }
             }
-            _k.CopyFromHost(_kGlobal.AsSpan(0, b * n * _kRow));
-            _v.CopyFromHost(_vGlobal.AsSpan(0, b * n * _vRow));
         });
     }
 
-    /// <summary>One reduce-scatter of [dK | dV]: rank r receives the sum over ranks of its own rows.</summary>
-    private void ScatterGradients(DeviceTensor dK, DeviceTensor dV)
+    /// <summary>
+    /// Reduce-scatters of [dK | dV] (one when it fits a staging piece): rank r receives the sum over ranks
+    /// of its own rows, read straight from the global dK and dV on the device.
+    /// </summary>
+    private void ScatterGradients(DeviceTensor dK, DeviceTensor dV, DeviceTensor dKAll, DeviceTensor dVAll)
     {
         _clock.Communicate(() =>
         {
-            int b = _s.Batch, n = _s.SeqLen;
-            int maxTokens = _rankTokens.Max();
-            int block = b * maxTokens * (_kRow + _vRow); // equal blocks: shorter shards are zero-padded
-            _dK.CopyToHost(_kGlobal.AsSpan(0, b * n * _kRow));
-            _dV.CopyToHost(_vGlobal.AsSpan(0, b * n * _vRow));
-            HostBuffer.Grow(ref _scatterSend, (long)block * _comm.Size);
-            HostBuffer.Grow(ref _scatterReceive, block);
-            Array.Clear(_scatterSend, 0, block * _comm.Size);
-            for (int r = 0; r < _comm.Size; r++)
+            int b = _s.Batch, n = _s.SeqLen, p = _comm.Size, me = _comm.Rank;
+            int width = _kRow + _vRow;
+            int pieces = HostBuffer.Pieces((long)b * n * width, (long)b * _rankTokens.Max() * width * p);
+            for (int i = 0; i < pieces; i++)
             {
-                int t = _rankTokens[r];
-                Sharding.TakeLocal(_kGlobal.AsSpan(0, b * n * _kRow), _scatterSend.AsSpan(r * block, b * t * _kRow), b, n, _kRow, _rankRanges[r]);
-                Sharding.TakeLocal(_vGlobal.AsSpan(0, b * n * _vRow), _scatterSend.AsSpan(r * block + b * t * _kRow, b * t * _vRow), b, n, _vRow, _rankRanges[r]);
+                int longest = 0;
+                for (int r = 0; r < p; r++) { var (lo, hi) = Piece(r, i, pieces); longest = Math.Max(longest, hi - lo); }
+                int block = b * longest * width; // equal blocks: shorter pieces are zero-padded
+                HostBuffer.Grow(ref _large, (long)block * p);
+                var send = _large.AsSpan(0, block * p);
+                send.Clear();
+                for (int r = 0; r < p; r++)
+                {
+                    var (lo, hi) = Piece(r, i, pieces);
+                    int len = hi - lo;
+                    foreach (var (local, global, count) in Sharding.LocalToGlobal(_rankRanges[r], lo, hi))
+                        for (int bb = 0; bb < b; bb++)
+                        {
+                            int at = local - lo;
+                            dKAll.CopyToHost(send.Slice(r * block + (bb * len + at) * _kRow, count * _kRow), ((long)bb * n + global) * _kRow);
+                            dVAll.CopyToHost(send.Slice(r * block + b * len * _kRow + (bb * len + at) * _vRow, count * _vRow), ((long)bb * n + global) * _vRow);
+                        }
+                }
+                HostBuffer.Grow(ref _small, block);
+                _comm.ReduceScatterSum(send, _small.AsSpan(0, block));
+                var (myLo, myHi) = Piece(me, i, pieces);
+                int myLen = myHi - myLo;
+                for (int bb = 0; bb < b; bb++)
+                {
+                    dK.CopyFromHost(_small.AsSpan(bb * myLen * _kRow, myLen * _kRow), ((long)bb * _rankTokens[me] + myLo) * _kRow);
+                    dV.CopyFromHost(_small.AsSpan(b * myLen * _kRow + bb * myLen * _vRow, myLen * _vRow), ((long)bb * _rankTokens[me] + myLo) * _vRow);
+                }
             }
-            _comm.ReduceScatterSum(_scatterSend.AsSpan(0, block * _comm.Size), _scatterReceive.AsSpan(0, block));
-            int mine = _rankTokens[_comm.Rank];
-            dK.CopyFromHost(_scatterReceive.AsSpan(0, b * mine * _kRow));
-            dV.CopyFromHost(_scatterReceive.AsSpan(b * mine * _kRow, b * mine * _vRow));
         });
     }
 
+    /// <summary>Piece <paramref name="i"/> of <paramref name="pieces"/> of rank r's local tokens: [lo, hi).</summary>
+    private (int Lo, int Hi) Piece(int r, int i, int pieces)
+    {
+        var (start, count) = Sharding.Chunk(_rankTokens[r], pieces, i);
+        return (start, start + count);
+    }
 
     public void CopyLse(DeviceTensor lse)
     {
@@ -151,7 +211,7 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
 
     public void Dispose()
     {
-        _k.Dispose(); _v.Dispose(); _dK.Dispose(); _dV.Dispose();
+        _k?.Dispose(); _v?.Dispose(); _dK?.Dispose(); _dV?.Dispose();
         foreach (var t in _lse) t.Dispose();
         foreach (var t in _drow) t.Dispose();
         _local.Dispose();

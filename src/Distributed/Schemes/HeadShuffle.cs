@@ -16,9 +16,18 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
 {
     private readonly int[] _tokens = Sharding.TokenCounts(rankRanges);
     private readonly int _p = comm.Size;
-    private float[] _send = [], _receive = [];
+    private float[] _send = [], _receive = [], _local = [];
 
     private int MaxTokens => _tokens.Max();
+
+    /// <summary>Floats of one rank's block of an all-to-all of <paramref name="parts"/>, refused past one array.</summary>
+    private int Block(HeadPart[] parts)
+    {
+        long block = parts.Sum(pt => (long)batch * MaxTokens * HeadsPerRank(pt) * pt.Width);
+        if (block * _p > Array.MaxLength)
+            throw new InvalidOperationException($"One Ulysses all-to-all would move {block * _p} floats per rank, more than one array holds; use more ranks or a shorter sequence.");
+        return (int)block;
+    }
 
     /// <summary>One all-to-all: block s of every rank carries its tokens of rank s's heads, for every part.</summary>
     public void ToHeads(HeadPart[] parts)
@@ -26,13 +35,14 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
         clock.Communicate(() =>
         {
             int b = batch, mine = _tokens[comm.Rank];
-            int block = parts.Sum(pt => b * MaxTokens * HeadsPerRank(pt) * pt.Width);
+            int block = Block(parts);
             HostBuffer.Grow(ref _send, (long)block * _p);
             HostBuffer.Grow(ref _receive, (long)block * _p);
             int partOffset = 0;
             foreach (var pt in parts)
             {
-                var local = new float[pt.Local.Length];
+                HostBuffer.Grow(ref _local, pt.Local.Length);
+                var local = _local.AsSpan(0, (int)pt.Local.Length);
                 pt.Local.CopyToHost(local);
                 int hs = HeadsPerRank(pt), w = pt.Width;
                 for (int s = 0; s < _p; s++)
@@ -43,7 +53,7 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
                             for (int h = 0; h < hs; h++)
                             {
                                 int gh = s * hs + h, src = pt.Expand ? gh / kvGroup : gh;
-                                local.AsSpan(((bb * mine + t) * pt.LocalHeads + src) * w, w)
+                                local.Slice(((bb * mine + t) * pt.LocalHeads + src) * w, w)
                                     .CopyTo(_send.AsSpan(dst + ((bb * MaxTokens + t) * hs + h) * w, w));
                             }
                 }
@@ -54,16 +64,12 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
             foreach (var pt in parts)
             {
                 int hs = HeadsPerRank(pt), w = pt.Width, row = hs * w;
-                var global = new float[(long)b * seqLen * row];
+                // Each rank's rows go straight to their global positions in the head-sharded tensor.
                 for (int r = 0; r < _p; r++)
-                {
-                    int t = _tokens[r];
-                    var blockRows = new float[(long)b * t * row];
-                    for (int bb = 0; bb < b; bb++)
-                        _receive.AsSpan(r * block + partOffset + bb * MaxTokens * row, t * row).CopyTo(blockRows.AsSpan(bb * t * row, t * row));
-                    Sharding.PutLocal(blockRows, global, b, seqLen, row, rankRanges[r]);
-                }
-                pt.Heads.CopyFromHost(global);
+                    foreach (var (local, global, count) in Sharding.LocalToGlobal(rankRanges[r], 0, _tokens[r]))
+                        for (int bb = 0; bb < b; bb++)
+                            pt.Heads.CopyFromHost(_receive.AsSpan(r * block + partOffset + (bb * MaxTokens + local) * row, count * row),
+                                ((long)bb * seqLen + global) * row);
                 partOffset += b * MaxTokens * row;
             }
         });
@@ -75,23 +81,19 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
         clock.Communicate(() =>
         {
             int b = batch, mine = _tokens[comm.Rank];
-            int block = parts.Sum(pt => b * MaxTokens * HeadsPerRank(pt) * pt.Width);
+            int block = Block(parts);
             HostBuffer.Grow(ref _send, (long)block * _p);
             HostBuffer.Grow(ref _receive, (long)block * _p);
             int partOffset = 0;
             foreach (var pt in parts)
             {
                 int hs = HeadsPerRank(pt), w = pt.Width, row = hs * w;
-                var global = new float[pt.Heads.Length];
-                pt.Heads.CopyToHost(global);
+                // Rank r's rows are read straight from their global positions in the head-sharded tensor.
                 for (int r = 0; r < _p; r++)
-                {
-                    int t = _tokens[r];
-                    var rows = new float[(long)b * t * row];
-                    Sharding.TakeLocal(global, rows, b, seqLen, row, rankRanges[r]);
-                    for (int bb = 0; bb < b; bb++)
-                        rows.AsSpan(bb * t * row, t * row).CopyTo(_send.AsSpan(r * block + partOffset + bb * MaxTokens * row, t * row));
-                }
+                    foreach (var (local, global, count) in Sharding.LocalToGlobal(rankRanges[r], 0, _tokens[r]))
+                        for (int bb = 0; bb < b; bb++)
+                            pt.Heads.CopyToHost(_send.AsSpan(r * block + partOffset + (bb * MaxTokens + local) * row, count * row),
+                                ((long)bb * seqLen + global) * row);
                 partOffset += b * MaxTokens * row;
             }
             comm.AllToAll(_send.AsSpan(0, block * _p), _receive.AsSpan(0, block * _p));
@@ -99,7 +101,9 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
             foreach (var pt in parts)
             {
                 int hs = HeadsPerRank(pt), w = pt.Width;
-                var local = new float[pt.Local.Length];
+                HostBuffer.Grow(ref _local, pt.Local.Length);
+                var local = _local.AsSpan(0, (int)pt.Local.Length);
+                if (pt.Expand) local.Clear();
                 for (int s = 0; s < _p; s++)
                     for (int bb = 0; bb < b; bb++)
                         for (int t = 0; t < mine; t++)
@@ -107,7 +111,7 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
                             {
                                 int gh = s * hs + h, dst = pt.Expand ? gh / kvGroup : gh;
                                 var from = _receive.AsSpan(s * block + partOffset + ((bb * MaxTokens + t) * hs + h) * w, w);
-                                var to = local.AsSpan(((bb * mine + t) * pt.LocalHeads + dst) * w, w);
+                                var to = local.Slice(((bb * mine + t) * pt.LocalHeads + dst) * w, w);
                                 if (pt.Expand) for (int e = 0; e < w; e++) to[e] += from[e];
                                 else from.CopyTo(to);
                             }
@@ -148,5 +152,4 @@ internal sealed class HeadShuffle(ICommunicator comm, PhaseClock clock, int batc
     }
 
     private static int HeadsPerRank(HeadPart pt) => pt.Heads.Shape[2];
-
 }

@@ -28,7 +28,9 @@ internal sealed class LaspLinearAttention : IScheme
     private readonly long _stateLength;
     private readonly float[] _send;
     private readonly float[] _gathered;
-    private readonly float[][] _byChunk;
+    private readonly float[][] _byChunk;   // every chunk's state, filed by global chunk index (reused)
+    private readonly float[][] _result;    // per local chunk: S0 or dS_end (reused)
+    private readonly float[] _running;      // the prefix or suffix being accumulated
     private readonly DeviceTensor[] _states;   // per local chunk: M, then S0 (forward) or dM, then dS_end (backward)
     private readonly DeviceTensor[] _prefix;   // per local chunk: S_<g, kept for the backward pass
     private DeviceTensor[]? _q, _k, _v;
@@ -53,7 +55,9 @@ internal sealed class LaspLinearAttention : IScheme
         _stateLength = (long)shape.Batch * shape.Heads * shape.HeadDim * shape.ValueDim;
         _send = new float[_myChunks.Length * _stateLength];
         _gathered = new float[p * _send.Length];
-        _byChunk = new float[chunks][];
+        _byChunk = Enumerable.Range(0, chunks).Select(_ => new float[_stateLength]).ToArray();
+        _result = _myChunks.Select(_ => new float[_stateLength]).ToArray();
+        _running = new float[_stateLength];
         _states = _myChunks.Select(_ => backend.Allocate(shape.Batch, shape.Heads, shape.HeadDim, shape.ValueDim)).ToArray();
         _prefix = _myChunks.Select(_ => backend.Allocate(shape.Batch, shape.Heads, shape.HeadDim, shape.ValueDim)).ToArray();
     }
@@ -121,20 +125,21 @@ internal sealed class LaspLinearAttention : IScheme
             _comm.AllGather(_send, _gathered);
             for (int r = 0; r < _comm.Size; r++)
                 for (int c = 0; c < _rankChunks[r].Length; c++)
-                    _byChunk[_rankChunks[r][c]] = _gathered.AsSpan((int)((r * _rankChunks[r].Length + c) * _stateLength), (int)_stateLength).ToArray();
+                    _gathered.AsSpan((int)((r * _rankChunks[r].Length + c) * _stateLength), (int)_stateLength).CopyTo(_byChunk[_rankChunks[r][c]]);
         });
     }
 
     /// <summary>S_&lt;g for each local chunk: S_&lt;0 = 0, S_&lt;(g+1) = λ^(L_g) S_&lt;g + M_g.</summary>
     private float[][] Prefixes(float[][] m)
     {
-        var result = new float[_myChunks.Length][];
-        var s = new float[_stateLength];
+        var result = _result;
+        var s = _running;
+        Array.Clear(s);
         int last = _myChunks.Max();
         for (int g = 0; g <= last; g++)
         {
             for (int c = 0; c < _myChunks.Length; c++)
-                if (_myChunks[c] == g) result[c] = (float[])s.Clone();
+                if (_myChunks[c] == g) s.CopyTo(result[c], 0);
             DecayAndAdd(s, g, m[g]);
         }
         return result;
@@ -143,13 +148,14 @@ internal sealed class LaspLinearAttention : IScheme
     /// <summary>The gradient reaching each local chunk's outgoing state: T_(g+1), with T_g = dM_g + λ^(L_g) T_(g+1).</summary>
     private float[][] Suffixes(float[][] dm)
     {
-        var result = new float[_myChunks.Length][];
-        var t = new float[_stateLength];
+        var result = _result;
+        var t = _running;
+        Array.Clear(t);
         int first = _myChunks.Min();
         for (int g = dm.Length - 1; g >= first; g--)
         {
             for (int c = 0; c < _myChunks.Length; c++)
-                if (_myChunks[c] == g) result[c] = (float[])t.Clone();
+                if (_myChunks[c] == g) t.CopyTo(result[c], 0);
             DecayAndAdd(t, g, dm[g]);
         }
         return result;
@@ -171,10 +177,11 @@ internal sealed class LaspLinearAttention : IScheme
     /// <summary>Non-causal: Σ over every other chunk, in chunk order.</summary>
     private float[][] AllButOwn(float[][] states)
     {
-        var result = new float[_myChunks.Length][];
+        var result = _result;
         for (int c = 0; c < _myChunks.Length; c++)
         {
-            var sum = new float[_stateLength];
+            var sum = result[c];
+            Array.Clear(sum);
             for (int g = 0; g < states.Length; g++)
             {
                 if (g == _myChunks[c]) continue;

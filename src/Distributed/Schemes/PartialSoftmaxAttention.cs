@@ -22,8 +22,8 @@ internal sealed class PartialSoftmaxAttention : IScheme
     private readonly int[] _tokens;
     private readonly int _maxTokens, _qRow, _oRow;
     private readonly LocalChunks _local;
-    private readonly DeviceTensor _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll;
-    private float[] _a = [], _b = [], _c = [];
+    private readonly DeviceTensor _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll, _oReceived, _lseReceived;
+    private float[] _a = [], _b = [], _c = [];  // this rank's rows; every rank's gathered rows; all-to-all / reduce-scatter
     private DeviceTensor[]? _k, _v;
 
     public PartialSoftmaxAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
@@ -49,6 +49,8 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _oMine = backend.Allocate(b, mine, h, shape.ValueDim);
         _lseMine = backend.Allocate(b, h, mine);
         _drowMine = backend.Allocate(b, h, mine);
+        _oReceived = backend.Allocate(b, mine, h, shape.ValueDim);
+        _lseReceived = backend.Allocate(b, h, mine);
         _dOAll = backend.Allocate(b, n, h, shape.ValueDim);
         _lseAll = backend.Allocate(b, h, n);
         _drowAll = backend.Allocate(b, h, n);
@@ -76,17 +78,13 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _clock.Communicate(() =>
         {
             int oBlock = b * _maxTokens * _oRow, lBlock = b * h * _maxTokens, block = oBlock + lBlock;
-            HostBuffer.Grow(ref _a, (long)b * n * _oRow);
-            HostBuffer.Grow(ref _b, (long)b * h * n);
-            _oPart.CopyToHost(_a.AsSpan(0, b * n * _oRow));
-            _lsePart.CopyToHost(_b.AsSpan(0, b * h * n));
             HostBuffer.Grow(ref _c, 2L * block * _comm.Size);
             var send = _c.AsSpan(0, block * _comm.Size);
             for (int s = 0; s < _comm.Size; s++)
             {
                 int t = _tokens[s];
-                Sharding.TakeLocal(_a.AsSpan(0, b * n * _oRow), send.Slice(s * block, b * t * _oRow), b, n, _oRow, _rankRanges[s]);
-                Sharding.TakeLocal(_b.AsSpan(0, b * h * n), send.Slice(s * block + oBlock, b * h * t), b * h, n, 1, _rankRanges[s]);
+                TakeRows(_oPart, b, _oRow, s, send.Slice(s * block, b * t * _oRow));
+                TakeRows(_lsePart, b * h, 1, s, send.Slice(s * block + oBlock, b * h * t));
             }
             var receive = _c.AsSpan(block * _comm.Size, block * _comm.Size);
             _comm.AllToAll(send, receive);
@@ -94,13 +92,11 @@ internal sealed class PartialSoftmaxAttention : IScheme
             // Rank 0's partial starts the state; every other rank's is merged into it, in rank order.
             _oMine.CopyFromHost(receive.Slice(0, b * mine * _oRow));
             _lseMine.CopyFromHost(receive.Slice(oBlock, b * h * mine));
-            using var oR = _backend.Allocate(b, mine, h, _s.ValueDim);
-            using var lR = _backend.Allocate(b, h, mine);
             for (int r = 1; r < _comm.Size; r++)
             {
-                oR.CopyFromHost(receive.Slice(r * block, b * mine * _oRow));
-                lR.CopyFromHost(receive.Slice(r * block + oBlock, b * h * mine));
-                _backend.MergeSoftmax(_oMine, _lseMine, oR, lR);
+                _oReceived.CopyFromHost(receive.Slice(r * block, b * mine * _oRow));
+                _lseReceived.CopyFromHost(receive.Slice(r * block + oBlock, b * h * mine));
+                _backend.MergeSoftmax(_oMine, _lseMine, _oReceived, _lseReceived);
             }
         });
         _clock.Compute(() => _backend.CopySlice(_oMine, 0, o, 0, _tokens[_comm.Rank], 1));
@@ -132,13 +128,11 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _clock.Communicate(() =>
         {
             int block = b * _maxTokens * _qRow;
-            HostBuffer.Grow(ref _a, (long)b * n * _qRow);
-            _dQAll.CopyToHost(_a.AsSpan(0, b * n * _qRow));
             HostBuffer.Grow(ref _c, (long)block * (_comm.Size + 1));
             var send = _c.AsSpan(0, block * _comm.Size);
             send.Clear();
             for (int s = 0; s < _comm.Size; s++)
-                Sharding.TakeLocal(_a.AsSpan(0, b * n * _qRow), send.Slice(s * block, b * _tokens[s] * _qRow), b, n, _qRow, _rankRanges[s]);
+                TakeRows(_dQAll, b, _qRow, s, send.Slice(s * block, b * _tokens[s] * _qRow));
             var receive = _c.AsSpan(block * _comm.Size, block);
             _comm.ReduceScatterSum(send, receive);
             dQ.CopyFromHost(receive.Slice(0, b * _tokens[_comm.Rank] * _qRow));
@@ -164,27 +158,37 @@ internal sealed class PartialSoftmaxAttention : IScheme
             for (int i = 0; i < statCount; i++) { stats![i].CopyToHost(_a.AsSpan(off, b * h * mine)); off += b * h * mine; }
             HostBuffer.Grow(ref _b, counts.Sum(x => (long)x));
             _comm.AllGatherVariable(_a.AsSpan(0, counts[_comm.Rank]), _b.AsSpan(0, counts.Sum()), counts);
-            long need = rows.Max(x => (long)b * n * x.Row);
-            if (statCount > 0) need = Math.Max(need, (long)b * h * n);
-            HostBuffer.Grow(ref _c, need);
             for (int g = 0; g < rows.Length + statCount; g++)
             {
                 bool stat = g >= rows.Length;
                 int row = stat ? 1 : rows[g].Row, batch = stat ? b * h : b;
-                var global = _c.AsSpan(0, batch * n * row);
+                var target = stat ? globalStats![g - rows.Length] : globals[g].Global;
                 int rankOffset = 0;
                 for (int r = 0; r < _comm.Size; r++)
                 {
                     int t = _tokens[r], inner = 0;
                     for (int x = 0; x < g; x++) inner += x < rows.Length ? b * t * rows[x].Row : b * h * t;
-                    Sharding.PutLocal(_b.AsSpan(rankOffset + inner, batch * t * row), global, batch, n, row, _rankRanges[r]);
+                    PutRows(_b.AsSpan(rankOffset + inner, batch * t * row), target, batch, row, r);
                     rankOffset += counts[r];
                 }
-                (stat ? globalStats![g - rows.Length] : globals[g].Global).CopyFromHost(global);
             }
         });
     }
 
+
+    /// <summary>Rank r's rows of a global <c>[batch, N, row]</c> device tensor, in r's local order, into <paramref name="local"/>.</summary>
+    private void TakeRows(DeviceTensor global, int batch, int row, int r, Span<float> local)
+    {
+        foreach (var seg in Sharding.Segments(batch, _s.SeqLen, row, _rankRanges[r]))
+            global.CopyToHost(local.Slice((int)seg.LocalOffset, (int)seg.Length), seg.GlobalOffset);
+    }
+
+    /// <summary>The inverse of <see cref="TakeRows"/>: rank r's local rows to their places in a global device tensor.</summary>
+    private void PutRows(ReadOnlySpan<float> local, DeviceTensor global, int batch, int row, int r)
+    {
+        foreach (var seg in Sharding.Segments(batch, _s.SeqLen, row, _rankRanges[r]))
+            global.CopyFromHost(local.Slice((int)seg.LocalOffset, (int)seg.Length), seg.GlobalOffset);
+    }
 
     /// <summary>
     /// One decode step against a KV cache sharded over ranks: q <c>[B, Nq, H, D]</c> is the same on every rank
@@ -221,7 +225,7 @@ internal sealed class PartialSoftmaxAttention : IScheme
 
     public void Dispose()
     {
-        foreach (var t in new[] { _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll }) t.Dispose();
+        foreach (var t in new[] { _qAll, _oPart, _lsePart, _oTmp, _lseTmp, _oMine, _lseMine, _drowMine, _dOAll, _lseAll, _drowAll, _dQAll, _oReceived, _lseReceived }) t.Dispose();
         _local.Dispose();
     }
 }

@@ -24,7 +24,8 @@ internal sealed class RingSoftmaxAttention : IScheme
     private readonly int _kRow, _vRow;
     private readonly DeviceTensor[] _lse, _drow, _partO, _partLse;
     private readonly Dictionary<int, DeviceTensor[]> _blocks = [];  // per token count: K, V, dK, dV
-    private float[] _current = [], _next = [];
+    private readonly Dictionary<(int Tokens, int Offset, int Count), DeviceTensor[]?> _views = [];  // zigzag ranges of a block, aliased
+    private float[] _current = [], _next = [], _negativeInfinity = [];
     private DeviceTensor[]? _q, _o;
     private DeviceTensor? _kLocal, _vLocal;
 
@@ -68,7 +69,12 @@ internal sealed class RingSoftmaxAttention : IScheme
             {
                 // The running state starts as "nothing seen": O = 0, LSE = -inf (weight 0 in the merge).
                 _backend.Clear(os[c]);
-                _lse[c].CopyFromHost(Enumerable.Repeat(float.NegativeInfinity, (int)_lse[c].Length).ToArray());
+                if (_negativeInfinity.Length < _lse[c].Length)
+                {
+                    _negativeInfinity = new float[_lse[c].Length];
+                    Array.Fill(_negativeInfinity, float.NegativeInfinity);
+                }
+                _lse[c].CopyFromHost(_negativeInfinity.AsSpan(0, (int)_lse[c].Length));
             }
         });
         _clock.Communicate(() => Pack(k, v, null, null, _comm.Rank, false, ref _current));
@@ -166,6 +172,8 @@ internal sealed class RingSoftmaxAttention : IScheme
             if (visible)
             {
                 if (ranges.Count == 1) work(block[0], block[1], start, block[2], block[3]);
+                else if (Views(owner, offset, count) is { } view)
+                    work(view[0], view[1], start, block[2] is null ? null : view[2], block[2] is null ? null : view[3]);
                 else
                 {
                     var parts = Parts(count);
@@ -186,6 +194,25 @@ internal sealed class RingSoftmaxAttention : IScheme
             }
             offset += count;
         }
+    }
+
+    /// <summary>
+    /// Views of one range of <paramref name="owner"/>'s block tensors [K, V, dK, dV] where the backend can alias
+    /// them (no copies in and out); null where it cannot.
+    /// </summary>
+    private DeviceTensor[]? Views(int owner, int offset, int count)
+    {
+        int tokens = _tokens[owner];
+        if (_views.TryGetValue((tokens, offset, count), out var views)) return views;
+        var block = Tensors(tokens, tokens);
+        views = new DeviceTensor[block.Length];
+        for (int i = 0; i < block.Length; i++)
+        {
+            if (_backend.TryView(block[i], offset, count) is not { } v) { views = null; break; }
+            views[i] = v;
+        }
+        _views[(tokens, offset, count)] = views;
+        return views;
     }
 
     /// <summary>Device tensors for one range of a zigzag block, reused: [K, V, dK, dV].</summary>
