@@ -106,7 +106,8 @@ public sealed class SequenceParallelAttention : IDisposable
         Validate(shape, options);
         _shape = shape;
         var layout = options.Layout ?? DefaultLayout(options);
-        CheckMemory(shape, options, layout, communicator.Size, communicator is InProcessCommunicator ? communicator.Size : 1, backend);
+        CheckFits(shape, options with { Layout = layout }, communicator.Size, communicator is InProcessCommunicator ? communicator.Size : 1,
+            checkHostMemory: backend is Distributed.Kernels.Cpu.CpuBackend);
         _clock = new PhaseClock(backend);
         _scheme = options.Scheme switch
         {
@@ -219,21 +220,34 @@ public sealed class SequenceParallelAttention : IDisposable
 
     /// <summary>
     /// Refuses, with the bytes needed per rank, a shape whose rank data cannot be held: one buffer or
-    /// collective past what one array holds (schemes other than all-gather KV stage whole tensors), or,
-    /// on the CPU backend, more than this machine's memory for the ranks of this process.
+    /// collective past what one array holds (schemes other than all-gather KV stage whole tensors), or, when
+    /// <paramref name="checkHostMemory"/>, more than this machine's memory for <paramref name="ranksOnThisHost"/>
+    /// ranks. A launcher calls it once before starting ranks; the constructor calls it too (host memory only on
+    /// the CPU backend).
     /// </summary>
-    private static void CheckMemory(AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, int ranks, int ranksInProcess, IKernelBackend backend)
+    /// <param name="shape">The global shape.</param>
+    /// <param name="options">The scheme and its options.</param>
+    /// <param name="ranks">P, the ranks of the layer.</param>
+    /// <param name="ranksOnThisHost">Ranks that share this machine's memory.</param>
+    /// <param name="checkHostMemory">Also compare the estimate with this machine's memory.</param>
+    /// <exception cref="ArgumentException">The shape does not fit; the message gives the bytes per rank and the fix.</exception>
+    public static void CheckFits(AttentionShape shape, SequenceParallelOptions options, int ranks, int ranksOnThisHost, bool checkHostMemory = true)
     {
-        var e = MemoryEstimate.For(shape, options, ranks, layout);
+        ArgumentNullException.ThrowIfNull(shape);
+        ArgumentNullException.ThrowIfNull(options);
+        if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks), ranks, "At least one rank.");
+        Validate(shape, options);
+        var e = MemoryEstimate.For(shape, options, ranks, options.Layout ?? DefaultLayout(options));
         string what = $"{options.Scheme} over {ranks} rank(s) at B={shape.Batch}, N={shape.SeqLen}, H={shape.Heads}, Hk={shape.KvHeads}, D={shape.HeadDim}, Dv={shape.ValueDim}";
         string need = $"needs {Gib(e.TotalBytes)} per rank ({Gib(e.CallerFloats * 4L)} of local q, k, v, o and gradients, {Gib(e.SchemeFloats * 4L)} of scheme tensors, {Gib(e.StagingFloats * 4L)} of host staging)";
         if (e.LargestSingleFloats > Array.MaxLength)
             throw new ArgumentException($"{what} {need}, and one of its buffers or collectives would hold {e.LargestSingleFloats:N0} floats, more than the {Array.MaxLength:N0} one array or one collective takes; use more ranks or a shorter sequence.", nameof(shape));
-        if (backend is Distributed.Kernels.Cpu.CpuBackend)
+        if (checkHostMemory)
         {
             long available = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
-            if (available > 0 && e.TotalBytes > available / ranksInProcess)
-                throw new ArgumentException($"{what} {need}, but this machine has {Gib(available)} for {ranksInProcess} rank(s) in this process; use more ranks (machines) or a shorter sequence.", nameof(shape));
+            int sharing = Math.Max(1, ranksOnThisHost);
+            if (available > 0 && e.TotalBytes > available / sharing)
+                throw new ArgumentException($"{what} {need}, but this machine has {Gib(available)} for {sharing} rank(s) on it; use more ranks (machines) or a shorter sequence.", nameof(shape));
         }
     }
 

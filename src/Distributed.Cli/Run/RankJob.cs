@@ -40,17 +40,7 @@ internal static class RankJob
         var total = Stopwatch.StartNew();
         int B = shape.Batch, N = shape.SeqLen, H = shape.Heads, Hk = shape.KvHeads, D = shape.HeadDim, Dv = shape.ValueDim;
         float[]? decay = spec.Attention == AttentionKind.Lightning ? RunSettings.ParseDecay(spec.DecaySpec, H) : null;
-        var options = new SequenceParallelOptions
-        {
-            Attention = spec.Attention,
-            Scheme = spec.Scheme,
-            Causal = spec.Causal,
-            Layout = s.Layout,
-            Decay = decay,
-            UlyssesDegree = s.UlyssesDegree,
-            HybridSequenceScheme = s.HybridSequenceScheme,
-        };
-        using var attention = new SequenceParallelAttention(comm, backend, shape, options);
+        using var attention = new SequenceParallelAttention(comm, backend, shape, Options(spec, s));
         var ranges = attention.LocalTokenRanges;
         int nloc = attention.LocalTokens;
         using var inputs = RunInputs.Open(s, spec, shape);
@@ -154,6 +144,18 @@ internal static class RankJob
         progress.Phase("", 1);
         return new JobResult(spec, shape, layout, all, checks, s.Check, skipped, JobFlops(spec, shape, s.Backward), total.ElapsedMilliseconds);
     }
+
+    /// <summary>The library options of a job.</summary>
+    public static SequenceParallelOptions Options(JobSpec spec, RunSettings s) => new()
+    {
+        Attention = spec.Attention,
+        Scheme = spec.Scheme,
+        Causal = spec.Causal,
+        Layout = s.Layout,
+        Decay = spec.Attention == AttentionKind.Lightning ? RunSettings.ParseDecay(spec.DecaySpec, s.Heads) : null,
+        UlyssesDegree = s.UlyssesDegree,
+        HybridSequenceScheme = s.HybridSequenceScheme,
+    };
 
     /// <summary>
     /// FLOPs of one step of the whole job (all ranks). Softmax forward: 2·B·H·N²·(D+Dv) (half when causal);

@@ -88,11 +88,8 @@ internal static class RunExecution
             foreach (var (spec, shape) in jobs)
             {
                 if (spec.Attention == AttentionKind.Lightning) _ = RunSettings.ParseDecay(spec.DecaySpec, s.Heads);
-                long bytes = RankBytes(spec, shape, ranks, s.Backward);
-                long available = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
                 int ranksPerHost = underMpi ? Math.Max(1, LaunchEnvironment.Detect().LocalSize) : ranks;
-                if (bytes < 0 || (double)bytes * ranksPerHost > available)
-                    return $"{Describe(spec, shape)} over {ranks} ranks needs {Gib(bytes)} per rank for its tensors ({ranksPerHost} rank(s) on this host, {RunSummary.Bytes(available)} available); use more ranks (hosts), a shorter --seq, or fewer --heads.";
+                SequenceParallelAttention.CheckFits(shape, RankJob.Options(spec, s), ranks, ranksPerHost);
             }
         }
         catch (ArgumentException e) { return Plain(e); }
@@ -114,36 +111,6 @@ internal static class RunExecution
         e is ArgumentException { ParamName: { } p } ? e.Message.Replace($" (Parameter '{p}')", "", StringComparison.Ordinal) : e.Message;
 
     private static string OptionOf(string tensor) => tensor switch { "O" => "--out", "LSE" => "--lse", _ => "--grads" };
-
-    /// <summary>
-    /// Bytes one rank holds for a job: its shards of q, k, v, o (and dO, dq, dk, dv), plus what the scheme
-    /// gathers (all-gather KV: K and V of the whole sequence, and their gradients; Ulysses: whole-sequence
-    /// tensors of its heads). A rough bound used to refuse shapes that cannot fit; negative on overflow.
-    /// </summary>
-    internal static long RankBytes(JobSpec spec, AttentionShape s, int ranks, bool backward)
-    {
-        try
-        {
-            checked
-            {
-                long local = s.Batch * (((long)s.SeqLen + ranks - 1) / ranks);
-                long qo = (long)s.Heads * (s.HeadDim + s.ValueDim), kv = (long)s.KvHeads * (s.HeadDim + s.ValueDim);
-                long shards = local * (qo + kv) * (backward ? 2 : 1);
-                long gathered = spec.Scheme switch
-                {
-                    ParallelScheme.AllGather => (long)s.Batch * s.SeqLen * kv * (backward ? 2 : 1),
-                    ParallelScheme.Ulysses or ParallelScheme.Hybrid => (long)s.Batch * s.SeqLen * ((qo + kv) / ranks + 1) * (backward ? 2 : 1),
-                    ParallelScheme.Partial => (long)s.Batch * s.SeqLen * qo * (backward ? 2 : 1),
-                    ParallelScheme.Ring => local * kv * 4,
-                    _ => 0,
-                };
-                return (shards + gathered) * sizeof(float);
-            }
-        }
-        catch (OverflowException) { return -1; }
-    }
-
-    private static string Gib(long bytes) => bytes < 0 ? "more than 8 EiB" : "about " + RunSummary.Bytes(bytes);
 
     internal static string Describe(JobSpec job, AttentionShape s) =>
         $"{job.Attention.ToString().ToLowerInvariant()} / {job.Scheme.ToString().ToLowerInvariant()} ({(job.Causal ? "causal" : "non-causal")}{(job.Attention == AttentionKind.Lightning ? $", decay {job.DecaySpec}" : "")}) " +
