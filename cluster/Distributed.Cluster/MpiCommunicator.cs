@@ -96,7 +96,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         CheckAllGather(send.Length, receive.Length);
         Enter(CommOp.AllGather, send.Length, receive.Length);
         float[]? copy = Unalias(ref send, receive);
-        bool present = Gather(receive.Length);
+        bool present = AwaitPeers(receive.Length);
         int request;
         fixed (float* s = send)
         fixed (float* r = receive)
@@ -126,7 +126,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         Span<int> displacements = table[Size..];
         counts.CopyTo(table);
         for (int r = 1; r < Size; r++) displacements[r] = displacements[r - 1] + counts[r - 1];
-        bool present = Gather(receive.Length);
+        bool present = AwaitPeers(receive.Length);
         int request;
         fixed (float* s = send)
         fixed (float* r = receive)
@@ -146,7 +146,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         Enter(CommOp.AllReduce, send.Length, receive.Length);
         bool inPlace = send.Overlaps(receive, out int offset) && offset == 0;
         float[]? copy = inPlace ? null : Unalias(ref send, receive);
-        bool present = Gather(receive.Length);
+        bool present = AwaitPeers(receive.Length);
         int request;
         fixed (float* s = send)
         fixed (float* r = receive)
@@ -164,7 +164,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             throw new ArgumentException($"ReduceScatterSum: send must hold Size × receive.Length = {(long)receive.Length * Size} floats, got {send.Length}.", nameof(send));
         Enter(CommOp.ReduceScatter, send.Length, receive.Length);
         float[]? copy = Unalias(ref send, receive);
-        bool present = Gather(send.Length);
+        bool present = AwaitPeers(send.Length);
         int request;
         fixed (float* s = send)
         fixed (float* r = receive)
@@ -185,7 +185,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         Enter(CommOp.AllToAll, send.Length, receive.Length);
         float[]? copy = Unalias(ref send, receive);
         int block = send.Length / Size;
-        bool present = Gather(receive.Length);
+        bool present = AwaitPeers(receive.Length);
         int request;
         fixed (float* s = send)
         fixed (float* r = receive)
@@ -291,27 +291,29 @@ public sealed unsafe class MpiCommunicator : ICommunicator
     //   2. YieldTests tests, each after Thread.Yield: a runnable neighbour gets the core at once;
     //   3. then nanosleep, starting at FirstNapNs and doubling up to MaxNapNs, testing after each nap.
     // The cap bounds the extra latency once the last peer arrives (one nap). Measured with 4 ranks on
-    // 2 cores (8K causal softmax all-gather job, best of 3 interleaved rounds): caps of 0.2, 1 and 5 ms
-    // were within noise of each other and 10-15% faster than spinning.
+    // 2 cores (8K causal softmax all-gather job, best of 3 interleaved rounds on a loaded machine): caps
+    // of 0.2, 1 and 5 ms were within noise of each other (9.7, 9.6, 8.2 s) and faster than spinning
+    // (10.8 s); a rank waiting 2 s for a computing peer uses about 25 ms of CPU instead of 1-1.4 s.
     //
     // Large transfers need every rank's progress calls while the data moves (MPICH's shared-memory
     // transport copies through bounded cells), and napping then slows them down: a 256 MB all-gather
-    // took 0.63 s with naps against 0.25 s spinning. So a large blocking collective first waits politely
-    // in a barrier, where ranks wait for peers still computing, and then moves its data with the peers
-    // known to be present, yielding instead of napping (PresentYieldTests) before any nap.
+    // took 0.55-0.63 s with naps against 0.21-0.25 s spinning. So a large blocking collective first
+    // waits politely in a barrier, where ranks wait for peers still computing, and then moves its data
+    // with the peers known to be present, yielding instead of napping (PresentYieldTests) before any
+    // nap: 0.16-0.20 s.
+    // Started collectives cannot do that (their peers are computing by design) and always wait politely.
     private const int SpinTests = 64;
     private const int SpinPause = 20;
     private const int YieldTests = 16;
     private const int PresentYieldTests = 1 << 16;
     private const long FirstNapNs = 20_000;
-    private static readonly long MaxNapNs = long.TryParse(System.Environment.GetEnvironmentVariable("DSATTN_TUNE_MAXNAP_US"), out long us) ? us * 1000 : 1_000_000;
-    private static readonly bool SpinOnly = System.Environment.GetEnvironmentVariable("DSATTN_TUNE_SPIN") == "1";
-    private static readonly long GatherBytes = long.TryParse(System.Environment.GetEnvironmentVariable("DSATTN_TUNE_GATHER_KB"), out long kb) ? kb * 1024 : 256 * 1024;
+    private const long MaxNapNs = 1_000_000;
+    private const long GatherBytes = 256 * 1024;
 
     /// <summary>Before a blocking collective that moves <paramref name="floats"/> floats (the same count on
     /// every rank): when it is large, wait politely in a barrier until every rank is there.</summary>
     /// <returns>True when the peers are known to be present.</returns>
-    private bool Gather(long floats)
+    private bool AwaitPeers(long floats)
     {
         if (Size == 1 || floats * sizeof(float) < GatherBytes) return false;
         int request;
@@ -323,7 +325,6 @@ public sealed unsafe class MpiCommunicator : ICommunicator
     /// <summary>Waits for <paramref name="count"/> requests without holding the core (see above).</summary>
     internal static void WaitAll(int count, int* requests, MpiStatus* statuses, bool peersPresent = false)
     {
-        if (SpinOnly) { while (!TestAll(count, requests, statuses)) { } return; }
         for (int i = 0; i < SpinTests; i++)
         {
             if (TestAll(count, requests, statuses)) return;
