@@ -21,8 +21,6 @@ internal static unsafe class MpichNative
     public const int Sum = 0x58000003;
     /// <summary>MPI_REQUEST_NULL.</summary>
     public const int RequestNull = 0x2c000000;
-    /// <summary>MPI_UNDEFINED (the count of a status whose size is not a whole number of elements).</summary>
-    public const int Undefined = -32766;
     /// <summary>MPI_IN_PLACE: <c>(void*)-1</c>.</summary>
     public static readonly void* InPlace = (void*)-1;
     /// <summary>MPI_STATUS_IGNORE and MPI_STATUSES_IGNORE: <c>(MPI_Status*)1</c>.</summary>
@@ -59,8 +57,6 @@ internal static unsafe class MpichNative
         public delegate* unmanaged<void*, int, int, int, int, int, int*, int> Irecv;
         public delegate* unmanaged<int, int*, int*, MpiStatus*, int> Testall;
         public delegate* unmanaged<MpiStatus*, int, int*, int> GetCount;
-        public delegate* unmanaged<int*, int> Cancel;
-        public delegate* unmanaged<int*, int> RequestFree;
         public delegate* unmanaged<int, int*, int> CommRank;
         public delegate* unmanaged<int, int*, int> CommSize;
         public delegate* unmanaged<int, int, int, int*, int> CommSplit;
@@ -95,8 +91,6 @@ internal static unsafe class MpichNative
             api->Irecv = (delegate* unmanaged<void*, int, int, int, int, int, int*, int>)Export(lib, "MPI_Irecv");
             api->Testall = (delegate* unmanaged<int, int*, int*, MpiStatus*, int>)Export(lib, "MPI_Testall");
             api->GetCount = (delegate* unmanaged<MpiStatus*, int, int*, int>)Export(lib, "MPI_Get_count");
-            api->Cancel = (delegate* unmanaged<int*, int>)Export(lib, "MPI_Cancel");
-            api->RequestFree = (delegate* unmanaged<int*, int>)Export(lib, "MPI_Request_free");
             api->CommRank = (delegate* unmanaged<int, int*, int>)Export(lib, "MPI_Comm_rank");
             api->CommSize = (delegate* unmanaged<int, int*, int>)Export(lib, "MPI_Comm_size");
             api->CommSplit = (delegate* unmanaged<int, int, int, int*, int>)Export(lib, "MPI_Comm_split");
@@ -194,15 +188,6 @@ internal static unsafe class MpichNative
         int count;
         Check(Calls.GetCount(status, Float, &count), "MPI_Get_count");
         return count;
-    }
-
-    /// <summary>Best effort for a request abandoned without completion (an exception between start and
-    /// wait): cancel what can be cancelled and let MPI free the rest when it completes.</summary>
-    public static void Abandon(int* request)
-    {
-        if (*request == RequestNull) return;
-        _ = Calls.Cancel(request);
-        _ = Calls.RequestFree(request);
     }
 
     /// <summary>Sleeps the calling thread for about <paramref name="nanoseconds"/> (libc nanosleep:
