@@ -58,6 +58,27 @@ public interface ICommunicator : IDisposable
     /// </summary>
     CommRequest StartSendRecv(ReadOnlyMemory<float> send, int destination, Memory<float> receive, int source);
 
+    /// <summary>
+    /// Starts <see cref="AllGather"/> and returns at once, so computation can overlap the gather. It counts
+    /// and numbers as the collective it is when started; every rank must start it where it would call
+    /// <see cref="AllGather"/> (same order relative to the other collectives). Neither buffer may be
+    /// touched until <see cref="CommRequest.Wait"/> returns, and they must not overlap.
+    /// </summary>
+    /// <param name="send">This rank's block.</param>
+    /// <param name="receive">Every rank's block in rank order: <c>Size * send.Length</c> floats.</param>
+    /// <returns>The collective in flight; call <see cref="CommRequest.Wait"/> exactly once.</returns>
+    CommRequest StartAllGather(ReadOnlyMemory<float> send, Memory<float> receive);
+
+    /// <summary>
+    /// Starts <see cref="AllReduceSum"/> and returns at once, with the rules of <see cref="StartAllGather"/>.
+    /// <paramref name="send"/> and <paramref name="receive"/> may be the same memory (in place); otherwise
+    /// they must not overlap.
+    /// </summary>
+    /// <param name="send">This rank's addend.</param>
+    /// <param name="receive">The element-wise sum over ranks, <c>send.Length</c> floats.</param>
+    /// <returns>The collective in flight; call <see cref="CommRequest.Wait"/> exactly once.</returns>
+    CommRequest StartAllReduceSum(ReadOnlyMemory<float> send, Memory<float> receive);
+
     /// <summary>Blocks until every rank of the group has entered the barrier.</summary>
     void Barrier();
 
@@ -68,9 +89,13 @@ public interface ICommunicator : IDisposable
     ICommunicator Split(int color, int key);
 }
 
-/// <summary>An exchange in flight, started by <see cref="ICommunicator.StartSendRecv"/>.</summary>
+/// <summary>An exchange or collective in flight, started by <see cref="ICommunicator.StartSendRecv"/>,
+/// <see cref="ICommunicator.StartAllGather"/> or <see cref="ICommunicator.StartAllReduceSum"/>.</summary>
 public abstract class CommRequest
 {
-    /// <summary>Blocks until the send and the receive have both completed. Call exactly once.</summary>
+    /// <summary>Blocks until the operation has completed on this rank (its receive buffer holds the
+    /// result and its send buffer may be reused). Call exactly once, on the thread that started it or
+    /// serialised with every other call into the communicator. Under MPI the wait polls politely: it
+    /// gives the core away while it waits instead of spinning.</summary>
     public abstract void Wait();
 }

@@ -107,14 +107,51 @@ public sealed class InProcessCommunicator : ICommunicator
     /// <inheritdoc/>
     public void AllGather(ReadOnlySpan<float> send, Span<float> receive)
     {
-        if (receive.Length != (long)send.Length * Size)
-            throw new ArgumentException($"AllGather: receive must hold Size × send.Length = {(long)send.Length * Size} floats, got {receive.Length}.", nameof(receive));
+        CheckAllGather(send.Length, receive.Length);
         var all = Exchange(nameof(AllGather), CommOp.AllGather, send, receive.Length);
+        Gathered(all, receive, send.Length);
+    }
+
+    /// <inheritdoc/>
+    public CommRequest StartAllGather(ReadOnlyMemory<float> send, Memory<float> receive)
+    {
+        CheckAllGather(send.Length, receive.Length);
+        CheckDisjoint(send.Span, receive.Span, nameof(StartAllGather));
+        int n = send.Length;
+        return Start(nameof(StartAllGather), CommOp.AllGather, send.Span, receive.Length, all => Gathered(all, receive.Span, n));
+    }
+
+    /// <inheritdoc/>
+    public CommRequest StartAllReduceSum(ReadOnlyMemory<float> send, Memory<float> receive)
+    {
+        if (receive.Length != send.Length)
+            throw new ArgumentException($"AllReduceSum: receive must have send's length {send.Length}, got {receive.Length}.", nameof(receive));
+        // The contribution is copied when started, so in place is safe here; other overlaps are refused
+        // as MPI refuses them, so a program that runs in-process also runs under mpiexec.
+        if (!(send.Span.Overlaps(receive.Span, out int offset) && offset == 0)) CheckDisjoint(send.Span, receive.Span, nameof(StartAllReduceSum));
+        int n = send.Length;
+        return Start(nameof(StartAllReduceSum), CommOp.AllReduce, send.Span, receive.Length, all => Summed(all, receive.Span, n));
+    }
+
+    private void CheckAllGather(int sendLength, int receiveLength)
+    {
+        if (receiveLength != (long)sendLength * Size)
+            throw new ArgumentException($"AllGather: receive must hold Size × send.Length = {(long)sendLength * Size} floats, got {receiveLength}.", "receive");
+    }
+
+    private static void CheckDisjoint(ReadOnlySpan<float> send, ReadOnlySpan<float> receive, string op)
+    {
+        if (send.Length > 0 && receive.Length > 0 && send.Overlaps(receive))
+            throw new ArgumentException($"{op}: send and receive must not overlap.", "receive");
+    }
+
+    private void Gathered(float[][] all, Span<float> receive, int n)
+    {
         for (int r = 0; r < Size; r++)
         {
-            if (all[r].Length != send.Length)
-                throw new InvalidOperationException($"AllGather: rank {r} sent {all[r].Length} floats but rank {Rank} sent {send.Length}; every rank must send the same count (use AllGatherVariable).");
-            all[r].CopyTo(receive.Slice(r * send.Length, send.Length));
+            if (all[r].Length != n)
+                throw new InvalidOperationException($"AllGather: rank {r} sent {all[r].Length} floats but rank {Rank} sent {n}; every rank must send the same count (use AllGatherVariable).");
+            all[r].CopyTo(receive.Slice(r * n, n));
         }
     }
 
@@ -147,7 +184,12 @@ public sealed class InProcessCommunicator : ICommunicator
         if (receive.Length != send.Length)
             throw new ArgumentException($"AllReduceSum: receive must have send's length {send.Length}, got {receive.Length}.", nameof(receive));
         var all = Exchange(nameof(AllReduceSum), CommOp.AllReduce, send, receive.Length);
-        CheckEqualLengths(all, send.Length, nameof(AllReduceSum));
+        Summed(all, receive, send.Length);
+    }
+
+    private void Summed(float[][] all, Span<float> receive, int n)
+    {
+        CheckEqualLengths(all, n, nameof(AllReduceSum));
         // Summed in rank order on every rank, so all ranks get bit-identical results.
         all[0].CopyTo(receive);
         for (int r = 1; r < Size; r++) Add(all[r], receive);
@@ -230,10 +272,25 @@ public sealed class InProcessCommunicator : ICommunicator
         Enter(name, op, send.Length, receiveLength);
         try
         {
-            return _group.Exchange(Rank, send.ToArray());
+            return _group.Collect(Rank, _group.Deposit(Rank, send.ToArray()));
         }
         finally { CurrentOperation = null; }
     }
+
+    /// <summary>Deposits this rank's contribution now; the request collects everybody's at Wait.</summary>
+    private InProcessCollectiveRequest Start(string name, CommOp op, ReadOnlySpan<float> send, long receiveLength, Action<float[][]> finish)
+    {
+        Enter(name, op, send.Length, receiveLength);
+        try
+        {
+            return new InProcessCollectiveRequest(this, $"{name}.Wait #{CollectiveSequence}", _group.Deposit(Rank, send.ToArray()), finish);
+        }
+        finally { CurrentOperation = null; }
+    }
+
+    internal void WaitingIn(string? what) => CurrentOperation = what;
+
+    internal float[][] Collect(long round) => _group.Collect(Rank, round);
 
     private void Enter(string name, CommOp op, long sendLength, long receiveLength)
     {
@@ -290,6 +347,24 @@ public sealed class InProcessCommunicator : ICommunicator
             }
             finally { owner.CurrentOperation = null; }
         }
+    }
+}
+
+/// <summary>A collective started in-process: the contribution was deposited at start; Wait collects.</summary>
+internal sealed class InProcessCollectiveRequest(InProcessCommunicator owner, string what, long round, Action<float[][]> finish) : CommRequest
+{
+    private bool _waited;
+
+    public override void Wait()
+    {
+        if (_waited) throw new InvalidOperationException("Wait was already called on this request.");
+        _waited = true;
+        owner.WaitingIn(what);
+        try
+        {
+            finish(owner.Collect(round));
+        }
+        finally { owner.WaitingIn(null); }
     }
 }
 
@@ -377,10 +452,11 @@ internal sealed class InProcessJob
 internal sealed class InProcessGroup
 {
     private readonly object _lock = new();
-    private float[][] _slots;
-    private float[][] _published = [];
-    private int _arrived;
-    private long _generation;
+    // Collective rounds by number: a rank's k-th collective is round k. Started collectives let a rank
+    // deposit in later rounds before it collects an earlier one, so every open round is kept until all
+    // members have collected it.
+    private readonly Dictionary<long, Round> _rounds = [];
+    private readonly long[] _deposits;
     private readonly Dictionary<(int From, int To), Queue<float[]>> _mail = [];
     private readonly Dictionary<(int Split, int Color), InProcessGroup> _children = [];
 
@@ -389,7 +465,7 @@ internal sealed class InProcessGroup
         Job = job;
         WorldRanks = worldRanks;
         Size = worldRanks.Length;
-        _slots = new float[Size][];
+        _deposits = new long[Size];
         job.Register(this);
     }
 
@@ -400,38 +476,45 @@ internal sealed class InProcessGroup
 
     public int Size { get; }
 
-    /// <summary>Deposits this rank's contribution and returns everybody's once all have arrived.</summary>
-    public float[][] Exchange(int rank, float[] contribution)
+    /// <summary>Deposits this rank's contribution to its next collective round and returns the round.</summary>
+    public long Deposit(int rank, float[] contribution)
     {
         lock (_lock)
         {
-            _slots[rank] = contribution;
-            long gen = _generation;
-            if (++_arrived == Size)
-            {
-                _published = _slots;
-                _slots = new float[Size][];
-                _arrived = 0;
-                _generation++;
-                Monitor.PulseAll(_lock);
-                return _published;
-            }
-            while (_generation == gen)
+            long round = _deposits[rank]++;
+            if (!_rounds.TryGetValue(round, out var r)) _rounds[round] = r = new Round(Size);
+            r.Slots[rank] = contribution;
+            if (++r.Arrived == Size) Monitor.PulseAll(_lock);
+            return round;
+        }
+    }
+
+    /// <summary>Everybody's contribution to <paramref name="round"/>, once all have arrived.</summary>
+    public float[][] Collect(int rank, long round)
+    {
+        lock (_lock)
+        {
+            var r = _rounds[round];
+            while (r.Arrived < Size)
             {
                 Job.ThrowIfFailed(rank);
-                // Any member that returned has not deposited (it would still be waiting here), so this
-                // collective can never complete: a rank made fewer collective calls than the others.
-                int gone = Job.FirstFinished(WorldRanks);
+                // A member that returned without depositing never will: a rank made fewer collective
+                // calls than the others, so this round can never complete.
+                int gone = Job.FirstFinished(Enumerable.Range(0, Size).Where(m => r.Slots[m] is null).Select(m => WorldRanks[m]));
                 if (gone >= 0)
-                {
-                    _slots[rank] = null!;
-                    _arrived--;
                     throw new InvalidOperationException($"rank {WorldRanks[rank]}: this collective can never complete because rank {gone} has already returned; every rank must make the same collective calls in the same order.");
-                }
                 Monitor.Wait(_lock);
             }
-            return _published;
+            if (++r.Collected == Size) _rounds.Remove(round);
+            return r.Slots;
         }
+    }
+
+    private sealed class Round(int size)
+    {
+        public float[][] Slots { get; } = new float[size][];
+        public int Arrived { get; set; }
+        public int Collected { get; set; }
     }
 
     public void Post(int from, int to, float[] message)

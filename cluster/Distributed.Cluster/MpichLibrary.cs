@@ -18,6 +18,10 @@ public static class MpichLibrary
     private static IntPtr _handle;
     private static bool _installed;
 
+    /// <summary>The native handle of the loaded library (zero before <see cref="Install"/>), for the calls
+    /// <see cref="MpichNative"/> binds itself.</summary>
+    internal static IntPtr Handle => _handle;
+
     /// <summary>The library that was loaded, once <see cref="Install"/> ran.</summary>
     public static string? LoadedName { get; private set; }
 

@@ -13,7 +13,7 @@ public static class CommunicatorContract
     public static IReadOnlyList<string> Names { get; } =
     [
         "AllGather", "AllGatherVariable", "AllReduceSum", "ReduceScatterSum", "AllToAll", "SendRecvRing",
-        "StartSendRecvOverlap", "StartSendRecvProgress", "Barrier", "Split", "CountersAndSequence", "RepeatedSizes",
+        "StartSendRecvOverlap", "StartSendRecvProgress", "StartAllGather", "StartAllGatherInterleaved", "StartAllReduceSum", "Barrier", "Split", "CountersAndSequence", "RepeatedSizes",
     ];
 
     /// <summary>Runs one check on this rank; throws <see cref="ContractViolation"/> on a wrong element.</summary>
@@ -30,6 +30,9 @@ public static class CommunicatorContract
             case "SendRecvRing": SendRecvRing(comm, 9); break;
             case "StartSendRecvOverlap": StartSendRecvOverlap(comm, 257); break;
             case "StartSendRecvProgress": StartSendRecvProgress(comm, 1 << 18); break;
+            case "StartAllGather": StartAllGather(comm, 5); StartAllGather(comm, 0); StartAllGather(comm, 1 << 18); break;
+            case "StartAllGatherInterleaved": StartAllGatherInterleaved(comm, 1027); break;
+            case "StartAllReduceSum": StartAllReduceSum(comm, 4099); break;
             case "Barrier": comm.Barrier(); comm.Barrier(); break;
             case "Split": Split(comm); break;
             case "CountersAndSequence": CountersAndSequence(comm); break;
@@ -147,6 +150,73 @@ public static class CommunicatorContract
             c.Barrier();
         }
         for (int i = 0; i < n; i++) Expect(recv[i], V(prev, i), $"started exchange from {prev}[{i}]");
+    }
+
+    private static void StartAllGather(ICommunicator c, int n)
+    {
+        // Start, compute on other data, then wait, as overlapped schemes will; n = 2^18 floats (1 MiB per
+        // rank) is past MPICH's eager limit, so the gather must move in the calls after the start.
+        var send = Enumerable.Range(0, n).Select(i => V(c.Rank, i)).ToArray();
+        var recv = new float[n * c.Size];
+        long seq = c.CollectiveSequence;
+        var before = c.Counters[CommOp.AllGather];
+        var req = c.StartAllGather(send, recv);
+        Expect(c.CollectiveSequence - seq, 1, "StartAllGather numbered when started");
+        Expect(c.Counters[CommOp.AllGather].Calls - before.Calls, 1, "StartAllGather counted when started");
+        Expect(c.Counters[CommOp.AllGather].BytesReceived - before.BytesReceived, (long)n * c.Size * sizeof(float), "StartAllGather bytes received");
+        double busy = 0;
+        for (int i = 0; i < send.Length; i++) busy += Math.Sqrt(i);
+        req.Wait();
+        for (int r = 0; r < c.Size; r++)
+            for (int i = 0; i < n; i++) Expect(recv[r * n + i], V(r, i), $"StartAllGather n={n} block {r}[{i}] (busy {busy:F0})");
+        bool twice = false;
+        try { req.Wait(); }
+        catch (InvalidOperationException) { twice = true; }
+        Expect(twice ? 1 : 0, 1, "second Wait refused");
+    }
+
+    private static void StartAllGatherInterleaved(ICommunicator c, int n)
+    {
+        // Two gathers in flight at once with a blocking all-reduce and a barrier between start and wait,
+        // waited in the reverse order: every rank starts and calls them in the same order, as MPI requires.
+        var a = Enumerable.Range(0, n).Select(i => V(c.Rank, i)).ToArray();
+        var b = Enumerable.Range(0, n + 1).Select(i => -V(c.Rank, i)).ToArray();
+        var ga = new float[n * c.Size];
+        var gb = new float[(n + 1) * c.Size];
+        var first = c.StartAllGather(a, ga);
+        var second = c.StartAllGather(b.AsMemory(), gb.AsMemory());
+        var sum = new float[] { c.Rank + 1 };
+        c.AllReduceSum(sum, sum);
+        Expect(sum[0], c.Size * (c.Size + 1) / 2f, "all-reduce between start and wait");
+        c.Barrier();
+        second.Wait();
+        first.Wait();
+        for (int r = 0; r < c.Size; r++)
+        {
+            for (int i = 0; i < n; i++) Expect(ga[r * n + i], V(r, i), $"first gather block {r}[{i}]");
+            for (int i = 0; i <= n; i++) Expect(gb[r * (n + 1) + i], -V(r, i), $"second gather block {r}[{i}]");
+        }
+        // Sub-arrays through Memory: only the slice is gathered, the rest is untouched.
+        var big = new float[n * c.Size + 8];
+        Array.Fill(big, float.NaN);
+        c.StartAllGather(a.AsMemory(0, n), big.AsMemory(4, n * c.Size)).Wait();
+        for (int r = 0; r < c.Size; r++)
+            for (int i = 0; i < n; i++) Expect(big[4 + r * n + i], V(r, i), $"sliced gather block {r}[{i}]");
+        Expect(float.IsNaN(big[3]) && float.IsNaN(big[4 + n * c.Size]) ? 1 : 0, 1, "sliced gather leaves the rest untouched");
+    }
+
+    private static void StartAllReduceSum(ICommunicator c, int n)
+    {
+        var send = Enumerable.Range(0, n).Select(i => (float)(c.Rank + 1) * (i % 17)).ToArray();
+        var recv = new float[n];
+        float ranksSum = c.Size * (c.Size + 1) / 2f;
+        var req = c.StartAllReduceSum(send, recv);
+        req.Wait();
+        for (int i = 0; i < n; i++) Expect(recv[i], ranksSum * (i % 17), $"StartAllReduceSum[{i}]");
+        // In place.
+        c.StartAllReduceSum(send, send).Wait();
+        for (int i = 0; i < n; i++) Expect(send[i], ranksSum * (i % 17), $"StartAllReduceSum in place[{i}]");
+        Expect(c.Counters[CommOp.AllReduce].Calls >= 2 ? 1 : 0, 1, "StartAllReduceSum counted");
     }
 
     private static void Split(ICommunicator c)

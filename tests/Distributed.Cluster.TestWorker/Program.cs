@@ -7,6 +7,8 @@ using Distributed.Cluster.TestWorker;
 //   hang <tag>  rank 0 never joins the barrier the others wait in (the launcher's timeout must kill all;
 //               the tag only marks the processes so the test can look for survivors)
 //   runner-fail <R>  as fail, through RankRunner (MPI under mpiexec, else 3 in-process ranks)
+//   wait-cpu    rank 0 computes (sleeps) 2 s while the others wait in a barrier, a large all-gather and a
+//               started all-gather's Wait; each waiter prints "WAITCPU <op> <rank> <cpu ms> <wall ms>"
 //   bench [P]   times AllGather / AllReduceSum / SendRecv ring on 1 Mi floats (MPI under mpiexec, else P in-process ranks)
 string mode = args.Length > 0 ? args[0] : "contract";
 if (mode == "bench")
@@ -58,6 +60,30 @@ return MpiCommunicator.RunWorld(comm =>
     if (mode == "hang")
     {
         if (comm.Rank == 0) Thread.Sleep(Timeout.Infinite);
+        comm.Barrier();
+        return 0;
+    }
+    if (mode == "wait-cpu")
+    {
+        var send = new float[1 << 18];
+        var gathered = new float[send.Length * comm.Size];
+        (string Name, Action Op)[] ops =
+        [
+            ("Barrier", comm.Barrier),
+            ("AllGather", () => comm.AllGather(send, gathered)),
+            ("StartAllGather", () => comm.StartAllGather(send, gathered).Wait()),
+        ];
+        foreach (var (name, op) in ops)
+        {
+            comm.Barrier();
+            if (comm.Rank == 0) Thread.Sleep(2000);
+            using var self = System.Diagnostics.Process.GetCurrentProcess();
+            var cpu = self.TotalProcessorTime;
+            var wall = System.Diagnostics.Stopwatch.StartNew();
+            op();
+            self.Refresh();
+            if (comm.Rank != 0) Console.WriteLine($"WAITCPU {name} {comm.Rank} {(self.TotalProcessorTime - cpu).TotalMilliseconds:F0} {wall.Elapsed.TotalMilliseconds:F0}");
+        }
         comm.Barrier();
         return 0;
     }

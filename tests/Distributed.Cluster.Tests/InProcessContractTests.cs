@@ -123,6 +123,44 @@ public sealed class InProcessContractTests
     }
 
     [Fact]
+    public void StartAllGather_OverlappingBuffers_Refused()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(2, comm =>
+        {
+            var buffer = new float[8];
+            comm.StartAllGather(buffer.AsMemory(0, 4), buffer.AsMemory()).Wait();
+            return 0;
+        }, TimeSpan.FromSeconds(10)));
+        Assert.Equal("receive", Assert.IsType<ArgumentException>(e.InnerException).ParamName);
+    }
+
+    [Fact]
+    public void Run_RankReturnsEarly_WhileOthersWaitOnStartedGather_Detected()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(3, comm =>
+        {
+            if (comm.Rank == 1) return 0; // never starts the gather
+            var req = comm.StartAllGather(new float[2], new float[6]);
+            req.Wait();
+            return 0;
+        }, TimeSpan.FromSeconds(30)));
+        Assert.Contains(e.Rank, new[] { 0, 2 });
+        Assert.Contains("rank 1 has already returned", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void StartedGather_WaitingIsNamedInTimeoutReport()
+    {
+        var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(2, comm =>
+        {
+            if (comm.Rank == 0) Thread.Sleep(TimeSpan.FromSeconds(6));
+            comm.StartAllGather(new float[1], new float[2]).Wait();
+            return 0;
+        }, TimeSpan.FromSeconds(2)));
+        Assert.Contains("rank 1 in StartAllGather.Wait #1", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void Split_NegativeColor_NamesParameter()
     {
         var e = Assert.Throws<RankFailedException>(() => InProcessCommunicator.Run(1, comm => comm.Split(-1, 0).Size, TimeSpan.FromSeconds(10)));
