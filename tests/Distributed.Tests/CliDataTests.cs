@@ -186,6 +186,7 @@ public sealed class CliDataTests(ITestOutputHelper output) : IDisposable
     [InlineData("--seq 100 --heads 4 --kv-heads 2 --head-dim 16 --lse x.npy --attention lightning", "--lse")]
     [InlineData("--seq 100 --grads g", "--grads")]
     [InlineData("--seq 100 --out o.npy", "--attention")]
+    [InlineData("--seq 100 --attention softmax --out /proc/o.npy", "--out /proc/o.npy: cannot create files")]
     public void Run_ImpossibleRequest_ExitsTwoWithTheReason(string args, string named)
     {
         var r = Dsattn.Run($"run --ranks 4 {args} --backend cpu", TimeSpan.FromSeconds(60), output);

@@ -98,11 +98,11 @@ internal static class RunExecution
             string? dir = Path.GetDirectoryName(Path.GetFullPath(s.JsonPath));
             if (dir is not null && !Directory.Exists(dir)) return $"--json: the folder '{dir}' does not exist; create it or write elsewhere.";
         }
-        foreach (var (tensor, path) in f.Outputs)
+        try
         {
-            string? dir = Path.GetDirectoryName(Path.GetFullPath(path));
-            if (dir is not null && !Directory.Exists(dir)) return $"{OptionOf(tensor)}: the folder '{dir}' does not exist; create it or write elsewhere.";
+            AtomicOutputs.CheckWritable([.. f.Outputs.Select(o => o.Path)], [.. f.Outputs.Select(o => OptionOf(o.Tensor))]);
         }
+        catch (IOException e) { return e.Message; }
         return null;
     }
 
