@@ -5,8 +5,8 @@ namespace Distributed.Cli.Check;
 
 /// <summary>
 /// The CLI's deterministic synthetic inputs as an <see cref="ITokenRows"/>: element <c>[b, t, c]</c> is
-/// <c>amplitude · SyntheticInputs.Value(seed, tensorId, (b·N + t)·Width + c)</c>, exactly what
-/// <see cref="SyntheticInputs.Fill"/> writes, computed on demand for any token range.
+/// <c>amplitude · SyntheticInputs.Value(seed, tensorId, (b·N + t)·Width + c)</c>, computed on demand for any
+/// token range (so any rank reads any rows without the others).
 /// </summary>
 internal sealed class SyntheticTokenRows : ITokenRows
 {

@@ -93,9 +93,6 @@ internal sealed record RunSettings
     public bool Progress { get; init; } = true;
     public RunFiles Files { get; init; } = new();
 
-    /// <summary>The global shape of the run.</summary>
-    public AttentionShape Shape => new(Batch, SeqLen, Heads, KvHeads, HeadDim, ValueDim);
-
     /// <summary>
     /// Parses <c>--decay</c>: <c>none</c>, <c>auto</c> (TransNormerLLM slopes), one λ for every head, or
     /// a comma-separated λ per head. Returns null for no decay.
