@@ -49,7 +49,7 @@ public sealed class InProcessCommunicator : ICommunicator
     {
         if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), size, "The number of ranks must be at least 1.");
         ArgumentNullException.ThrowIfNull(body);
-        var job = new InProcessJob();
+        var job = new InProcessJob { Entered = new long[size] };
         var world = new InProcessGroup(job, [.. Enumerable.Range(0, size)]);
         var comms = new InProcessCommunicator[size];
         for (int r = 0; r < size; r++) comms[r] = new InProcessCommunicator(world, r);
@@ -295,6 +295,8 @@ public sealed class InProcessCommunicator : ICommunicator
     private void Enter(string name, CommOp op, long sendLength, long receiveLength)
     {
         long seq = Interlocked.Increment(ref _sequence);
+        int worldRank = _group.WorldRanks[Rank];
+        ControlPlane.FaultInjection.OnEnter(worldRank, Interlocked.Increment(ref _group.Job.Entered[worldRank]));
         CurrentOperation = $"{name} #{seq}";
         Counters.Record(op, sendLength * sizeof(float), receiveLength * sizeof(float));
         _group.Job.ThrowIfFailed(Rank);
@@ -397,6 +399,9 @@ internal sealed class InProcessJob
     private Exception? _failure;
 
     public int FailedRank { get; private set; } = -1;
+
+    /// <summary>Collectives each world rank entered, over every group (what DSATTN_FAULT counts).</summary>
+    public long[] Entered = [];
 
     private readonly HashSet<int> _finished = [];
 

@@ -1,4 +1,5 @@
 using System.Buffers;
+using Distributed.Cluster.ControlPlane;
 using static Distributed.Cluster.MpichNative;
 
 namespace Distributed.Cluster;
@@ -20,6 +21,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
     private readonly bool _owned;
     private int _comm;
     private long _sequence;
+    private static int s_worldRank;
 
     private MpiCommunicator(int comm, bool owned)
     {
@@ -72,6 +74,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         using (new MPI.Environment(ref args))
         {
             var world = new MpiCommunicator(CommWorld, owned: false);
+            s_worldRank = world.Rank;
             try
             {
                 code = body(world);
@@ -92,6 +95,21 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         return code;
     }
 
+    /// <summary>Ends the whole MPI job now (MPI_Abort on the world communicator) with exit code
+    /// <paramref name="code"/>, after giving mpiexec's proxy a moment to forward what was printed. Safe to
+    /// call from any thread inside <see cref="RunWorld"/>; when the abort does not end this process within
+    /// 5 s it kills itself, which makes mpiexec end the other ranks.</summary>
+    /// <param name="code">The job's exit code (non-zero).</param>
+    public static void AbortJob(int code)
+    {
+        Console.Out.Flush();
+        Console.Error.Flush();
+        Thread.Sleep(AbortGrace);
+        var killer = new Thread(() => { Thread.Sleep(5000); System.Diagnostics.Process.GetCurrentProcess().Kill(); }) { IsBackground = true };
+        killer.Start();
+        MPI.Communicator.world.Abort(code);
+    }
+
     /// <inheritdoc/>
     public void AllGather(ReadOnlySpan<float> send, Span<float> receive)
     {
@@ -107,6 +125,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             WaitAll(1, &request, StatusIgnore, present);
         }
         GC.KeepAlive(copy);
+        CollectiveProbe.Leave();
     }
 
     /// <inheritdoc/>
@@ -138,6 +157,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             WaitAll(1, &request, StatusIgnore, present);
         }
         GC.KeepAlive(copy);
+        CollectiveProbe.Leave();
     }
 
     /// <inheritdoc/>
@@ -157,6 +177,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             WaitAll(1, &request, StatusIgnore, present);
         }
         GC.KeepAlive(copy);
+        CollectiveProbe.Leave();
     }
 
     /// <inheritdoc/>
@@ -175,6 +196,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             WaitAll(1, &request, StatusIgnore, present);
         }
         GC.KeepAlive(copy);
+        CollectiveProbe.Leave();
     }
 
     /// <inheritdoc/>
@@ -196,6 +218,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             WaitAll(1, &request, StatusIgnore, present);
         }
         GC.KeepAlive(copy);
+        CollectiveProbe.Leave();
     }
 
     /// <inheritdoc/>
@@ -216,6 +239,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             WaitExchange(requests, statuses, source, receive.Length);
         }
         GC.KeepAlive(copy);
+        CollectiveProbe.Leave();
     }
 
     /// <inheritdoc/>
@@ -265,6 +289,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         int request;
         Ibarrier(_comm, &request);
         WaitAll(1, &request, StatusIgnore);
+        CollectiveProbe.Leave();
     }
 
     /// <inheritdoc/>
@@ -275,7 +300,9 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         // MPI_Comm_split is blocking; it runs once per group, at set-up, so its spin does not matter.
         // The new communicator inherits MPI.NET's MPI_ERRORS_RETURN handler from world, so MPI errors
         // come back as codes (and exceptions) rather than aborting.
-        return new MpiCommunicator(CommSplit(_comm, color, key), owned: true);
+        var split = new MpiCommunicator(CommSplit(_comm, color, key), owned: true);
+        CollectiveProbe.Leave();
+        return split;
     }
 
     /// <summary>Frees a communicator made by <see cref="Split"/> (world is MPI's own). Call it before
@@ -385,6 +412,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
 
     private void Enter(CommOp op, long sendLength, long receiveLength)
     {
+        CollectiveProbe.Enter(s_worldRank, op, (sendLength + receiveLength) * sizeof(float));
         _sequence++;
         Counters.Record(op, sendLength * sizeof(float), receiveLength * sizeof(float));
     }
@@ -439,6 +467,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             {
                 _send.Dispose();
                 _receive.Dispose();
+                CollectiveProbe.Leave();
             }
         }
     }

@@ -51,6 +51,10 @@ internal static class RunCommand
         var outFile = new Option<string?>("--out") { Description = "Write O [B, N, H, Dv] to this .npy file (float32). Each rank writes its own rows; the file appears only when every rank succeeded." };
         var lseFile = new Option<string?>("--lse") { Description = "Softmax: write LSE [B, H, N] (natural log) to this .npy file." };
         var gradsPrefix = new Option<string?>("--grads") { Description = "With --backward: write PREFIX.dq.npy, PREFIX.dk.npy and PREFIX.dv.npy." };
+        var controlPlane = new Option<string?>("--control-plane") { Description = "on or off: under mpiexec, rank 0 hosts a gRPC coordinator (loopback, token-protected) that collects heartbeats and ends a hung job with a report naming the culprit rank (default: on under MPI)." };
+        controlPlane.AcceptOnlyFromAmong("on", "off");
+        var hangTimeout = new Option<double?>("--hang-timeout") { Description = "Seconds ranks may wait inside a collective that another rank never entered before the job is ended (default 300). In-process: the job's time limit (none unless given)." };
+        var coordinatorBind = new Option<string>("--coordinator-bind") { Description = "Address the coordinator listens on: 127.0.0.1 (this host) or e.g. 0.0.0.0 when ranks run on other hosts.", DefaultValueFactory = _ => "127.0.0.1" };
         var failRank = new Option<int>("--fail-rank") { Description = "Testing: make this rank throw.", DefaultValueFactory = _ => -1, Hidden = true };
         var failAt = new Option<string>("--fail-at") { Description = "Testing: where --fail-rank throws: start (before the first collective) or write (after its outputs were partly written).", DefaultValueFactory = _ => "start", Hidden = true };
         failAt.AcceptOnlyFromAmong("start", "write");
@@ -59,7 +63,7 @@ internal static class RunCommand
         {
             ranks, attention, scheme, batch, seq, heads, kvHeads, headDim, valueDim, causal, noCausal, decay, layout, ulyssesDegree,
             hybridScheme, backward, backend, device, seed, iterations, check, checkRows, tolerance, json, noProgress,
-            qFile, kFile, vFile, doutFile, outFile, lseFile, gradsPrefix, failRank, failAt,
+            qFile, kFile, vFile, doutFile, outFile, lseFile, gradsPrefix, controlPlane, hangTimeout, coordinatorBind, failRank, failAt,
         };
         command.SetAction(parse =>
         {
@@ -108,6 +112,9 @@ internal static class RunCommand
                 FailRank = parse.GetValue(failRank),
                 FailAt = parse.GetValue(failAt)!,
                 Files = files,
+                ControlPlane = parse.GetValue(controlPlane) switch { "on" => true, "off" => false, _ => null },
+                HangTimeout = parse.GetValue(hangTimeout),
+                CoordinatorBind = parse.GetValue(coordinatorBind)!,
             };
             return RunExecution.Execute(settings, given, representative);
         });

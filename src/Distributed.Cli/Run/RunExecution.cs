@@ -1,6 +1,7 @@
 using System.Security.Cryptography;
 using Distributed.Cli.Commands;
 using Distributed.Cluster;
+using Distributed.Cluster.ControlPlane;
 using Distributed.IO;
 using Distributed.Kernels;
 
@@ -55,9 +56,29 @@ internal static class RunExecution
         int ranksHere = launch.Kind == LaunchKind.Mpich ? Math.Max(1, launch.LocalSize) : s.Ranks;
         int threads = Math.Max(1, Environment.ProcessorCount / ranksHere);
         backendFactory ??= (name, device, cpuThreads) => KernelBackends.Create(name, device, cpuThreads);
+        bool controlPlane = launch.Kind == LaunchKind.Mpich && (s.ControlPlane ?? true);
+        // In-process ranks keep their own detection: --hang-timeout, when given, is the job's time limit.
+        TimeSpan? inProcessLimit = launch.Kind == LaunchKind.None && s.HangTimeout is { } h ? TimeSpan.FromSeconds(h) : null;
         return RankRunner.Run(launch, s.Ranks, comm =>
-            RunRank(comm, s, jobs, launch.LocalRank >= 0 ? launch.LocalRank : comm.Rank, threads, representative, backendFactory));
+        {
+            using var plane = controlPlane ? StartControlPlane(comm, s) : null;
+            return RunRank(comm, s, jobs, launch.LocalRank >= 0 ? launch.LocalRank : comm.Rank, threads, representative, backendFactory);
+        }, inProcessLimit);
     }
+
+    /// <summary>The control plane of an MPI job (before the job's first collective): rank 0 hosts the
+    /// coordinator; when its watchdog finds a hang it prints the report and aborts the whole job.</summary>
+    private static JobControlPlane StartControlPlane(ICommunicator comm, RunSettings s) =>
+        JobControlPlane.Start(comm, new JobControlPlaneOptions
+        {
+            Bind = s.CoordinatorBind,
+            HangTimeout = TimeSpan.FromSeconds(s.HangTimeout ?? 300),
+            OnHang = report =>
+            {
+                Console.Error.WriteLine(report);
+                MpiCommunicator.AbortJob(1);
+            },
+        });
 
     private static string? Validate(RunSettings s, List<(JobSpec Spec, AttentionShape Shape)> jobs, int ranks, bool underMpi)
     {
@@ -68,6 +89,7 @@ internal static class RunExecution
         if (s.KvHeads < 1 || s.Heads % s.KvHeads != 0) return $"--kv-heads must divide --heads (got H={s.Heads}, Hk={s.KvHeads}); e.g. --kv-heads {s.Heads}.";
         if (s.HeadDim < 1) return $"--head-dim must be at least 1 (got {s.HeadDim}).";
         if (s.ValueDim < 1) return $"--value-dim must be at least 1 (got {s.ValueDim}).";
+        if (s.HangTimeout is { } ht && !(ht > 0)) return $"--hang-timeout must be positive (got {ht}).";
         if (s.Iterations < 1) return $"--iterations must be at least 1 (got {s.Iterations}).";
         if (s.CheckRows < 0) return $"--check-rows must be 0 or more (got {s.CheckRows}).";
         if (!(s.Tolerance > 0)) return "--tolerance must be positive.";

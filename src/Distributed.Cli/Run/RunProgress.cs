@@ -1,3 +1,4 @@
+using Distributed.Cluster.ControlPlane;
 using Spectre.Console;
 
 namespace Distributed.Cli.Run;
@@ -15,6 +16,7 @@ internal sealed class RunProgress : IDisposable
     private string _phase = "";
     private double _total = 1, _done;
     private bool _phaseChanged;
+    private double _reportTotal = 1, _reportDone;
 
     private RunProgress(bool enabled)
     {
@@ -35,6 +37,10 @@ internal sealed class RunProgress : IDisposable
     /// <summary>Starts a phase of <paramref name="total"/> units.</summary>
     public void Phase(string name, double total)
     {
+        // Every rank's phase and progress also go into its control-plane heartbeats.
+        _reportTotal = Math.Max(total, 1e-9);
+        _reportDone = 0;
+        RankActivity.Set(name.Length == 0 ? "finishing" : name, 0);
         if (!Enabled) return;
         lock (_gate) { _phase = name; _total = Math.Max(total, 1e-9); _done = 0; _phaseChanged = true; }
     }
@@ -42,6 +48,8 @@ internal sealed class RunProgress : IDisposable
     /// <summary>Adds <paramref name="units"/> to the current phase.</summary>
     public void Advance(double units)
     {
+        _reportDone += units;
+        RankActivity.SetProgress(Math.Min(1, _reportDone / _reportTotal));
         if (!Enabled) return;
         lock (_gate) _done = Math.Min(_total, _done + units);
     }

@@ -91,6 +91,11 @@ internal sealed record RunSettings
     public string FailAt { get; init; } = "start";
     public string? JsonPath { get; init; }
     public bool Progress { get; init; } = true;
+    /// <summary>--control-plane: null = default (on under MPI).</summary>
+    public bool? ControlPlane { get; init; }
+    /// <summary>--hang-timeout in seconds; null = not given (300 s under MPI, no limit in-process).</summary>
+    public double? HangTimeout { get; init; }
+    public string CoordinatorBind { get; init; } = "127.0.0.1";
     public RunFiles Files { get; init; } = new();
 
     /// <summary>
