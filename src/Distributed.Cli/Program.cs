@@ -4,6 +4,7 @@ using Distributed.Cli.Commands;
 var root = new RootCommand("dsattn: sequence-parallel attention (LASP-2, all-gather KV, partial softmax states, ring, Ulysses, hybrid) over MPI or in-process ranks.");
 root.Subcommands.Add(RunCommand.Create());
 root.Subcommands.Add(LaunchCommand.Create());
+root.Subcommands.Add(StatusCommand.Create());
 root.Subcommands.Add(PtxCommand.Create());
 root.Subcommands.Add(BenchCommand.Create());
 return await root.Parse(args).InvokeAsync().ConfigureAwait(false);
