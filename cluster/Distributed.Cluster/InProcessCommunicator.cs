@@ -294,9 +294,9 @@ public sealed class InProcessCommunicator : ICommunicator
 
     private void Enter(string name, CommOp op, long sendLength, long receiveLength)
     {
-        long seq = Interlocked.Increment(ref _sequence);
         int worldRank = _group.WorldRanks[Rank];
         ControlPlane.FaultInjection.OnEnter(worldRank, Interlocked.Increment(ref _group.Job.Entered[worldRank]));
+        long seq = Interlocked.Increment(ref _sequence);
         CurrentOperation = $"{name} #{seq}";
         Counters.Record(op, sendLength * sizeof(float), receiveLength * sizeof(float));
         _group.Job.ThrowIfFailed(Rank);
