@@ -96,7 +96,21 @@ public static class MpiLauncher
     /// <param name="environment">Variables to set (a null value removes the variable) on top of this
     /// process's environment.</param>
     public static LaunchResult Run(string file, IEnumerable<string> args, TimeSpan timeout, Action<string>? echo = null,
-        IReadOnlyDictionary<string, string?>? environment = null)
+        IReadOnlyDictionary<string, string?>? environment = null) => Run(file, args, timeout, echo, environment, CancellationToken.None);
+
+    /// <summary>
+    /// As <see cref="Run(string, IEnumerable{string}, TimeSpan, Action{string}?, IReadOnlyDictionary{string, string?}?)"/>;
+    /// cancelling <paramref name="kill"/> kills the whole process tree at once (a watchdog ending a hung job).
+    /// </summary>
+    /// <param name="file">Program to start.</param>
+    /// <param name="args">Its arguments (passed without a shell).</param>
+    /// <param name="timeout">Wall-clock limit.</param>
+    /// <param name="echo">When set, each output line is also passed here as it arrives.</param>
+    /// <param name="environment">Variables to set (a null value removes the variable).</param>
+    /// <param name="kill">Kills the process tree when cancelled; the result then has the exit code of the
+    /// killed launcher (non-zero).</param>
+    public static LaunchResult Run(string file, IEnumerable<string> args, TimeSpan timeout, Action<string>? echo,
+        IReadOnlyDictionary<string, string?>? environment, CancellationToken kill)
     {
         ArgumentException.ThrowIfNullOrEmpty(file);
         ArgumentNullException.ThrowIfNull(args);
@@ -117,7 +131,12 @@ public static class MpiLauncher
         p.Start();
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
-        bool exited = p.WaitForExit(timeout);
+        bool exited;
+        using (kill.Register(() =>
+        {
+            try { p.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }
+        }))
+            exited = p.WaitForExit(timeout);
         if (!exited)
         {
             try { p.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }

@@ -12,8 +12,9 @@ internal static class Dsattn
     private static readonly Dictionary<string, string?> Environment = new() { ["NO_COLOR"] = "1", ["DOTNET_CLI_TELEMETRY_OPTOUT"] = "1" };
 
     /// <summary>Runs <c>dotnet dsattn.dll args</c>; fails the test if it outlives <paramref name="timeout"/> (its tree is killed).</summary>
-    public static LaunchResult Run(string args, TimeSpan timeout, ITestOutputHelper? log = null) =>
-        Exec("dotnet", [DllPath, .. Split(args)], timeout, log);
+    public static LaunchResult Run(string args, TimeSpan timeout, ITestOutputHelper? log = null,
+        IReadOnlyDictionary<string, string?>? environment = null) =>
+        Exec("dotnet", [DllPath, .. Split(args)], timeout, log, environment);
 
     /// <summary>Runs <c>mpiexec -n P dotnet dsattn.dll args</c> with the same timeout rule.</summary>
     public static LaunchResult RunMpi(int ranks, string args, TimeSpan timeout, ITestOutputHelper? log = null,

@@ -29,6 +29,18 @@ public sealed partial class ControlPlaneTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void Launch_HostsTheCoordinator_AndKillsAHungJob()
+    {
+        var r = Dsattn.Run($"launch -n 4 --hang-timeout 10 -- {Job}", TimeSpan.FromSeconds(90), output,
+            new Dictionary<string, string?> { ["DSATTN_FAULT"] = "hang:2:3" });
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains("control plane: coordinator at 127.0.0.1:", r.Stdout, StringComparison.Ordinal);
+        Assert.Contains("dsattn watchdog: rank 2 never entered collective Barrier #3", r.Stdout + r.Stderr, StringComparison.Ordinal);
+        Assert.Contains("the watchdog ended the job", r.Stderr, StringComparison.Ordinal);
+        Assert.True(r.Elapsed < TimeSpan.FromSeconds(40), $"took {r.Elapsed.TotalSeconds:F1} s");
+    }
+
+    [Fact]
     public void RankExitingMidRun_EndsTheJobPromptly_NonZero()
     {
         var r = Dsattn.RunMpi(4, $"{Job} --backward", TimeSpan.FromSeconds(90), output,

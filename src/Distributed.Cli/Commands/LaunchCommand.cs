@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Distributed.Cluster;
+using Distributed.Cluster.ControlPlane;
 
 namespace Distributed.Cli.Commands;
 
@@ -12,11 +13,15 @@ internal static class LaunchCommand
         var ranks = new Option<int>("-n", "--ranks") { Description = "Number of ranks P.", Required = true };
         var timeout = new Option<int>("--timeout") { Description = "Kill the whole job (mpiexec, its proxies and every rank) after this many seconds; exit code 124. 0 = no limit.", DefaultValueFactory = _ => 0 };
         var dryRun = new Option<bool>("--dry-run") { Description = "Print the mpiexec command line without running it." };
+        var controlPlane = new Option<string>("--control-plane") { Description = "on: this launcher hosts the job's coordinator (gRPC, token-protected), gives the ranks its address and token through their environment, and kills the job when its watchdog finds a hang; off: none.", DefaultValueFactory = _ => "on" };
+        controlPlane.AcceptOnlyFromAmong("on", "off");
+        var hangTimeout = new Option<double>("--hang-timeout") { Description = "Seconds ranks may wait inside a collective that another rank never entered before the job is killed.", DefaultValueFactory = _ => 300 };
+        var coordinatorBind = new Option<string>("--coordinator-bind") { Description = "Address the coordinator listens on: 127.0.0.1 (this host) or e.g. 0.0.0.0 when ranks run on other hosts.", DefaultValueFactory = _ => "127.0.0.1" };
         var rest = new Argument<string[]>("dsattn-args") { Description = "Arguments for every rank's dsattn, after --, e.g. -- run --attention lightning --scheme lasp2 --seq 65536.", Arity = ArgumentArity.ZeroOrMore };
         var command = new Command("launch", "Build the mpiexec (MPICH) command line that runs this dsattn on P ranks, print it, then run it and " +
             "return its exit code. Example: dsattn launch --hostfile hostfile.example -n 8 -- run --attention lightning --scheme lasp2")
         {
-            hostfile, ranks, timeout, dryRun, rest,
+            hostfile, ranks, timeout, dryRun, controlPlane, hangTimeout, coordinatorBind, rest,
         };
         command.SetAction(parse =>
         {
@@ -58,15 +63,62 @@ internal static class LaunchCommand
             var args = MpiLauncher.BuildArguments(p, hydraFile, program, [.. prefix, .. parse.GetValue(rest) ?? []]);
             Console.WriteLine(MpiLauncher.Format(mpiexec, args));
             if (parse.GetValue(dryRun)) return 0;
+            double hang = parse.GetValue(hangTimeout);
+            if (!(hang > 0))
+            {
+                Console.Error.WriteLine($"dsattn launch: --hang-timeout must be positive (got {hang}).");
+                return 2;
+            }
             LaunchResult result;
+            using var killJob = new CancellationTokenSource();
+            Coordinator? coordinator = null;
+            string? tokenFile = null;
+            var environment = new Dictionary<string, string?>();
             try
             {
-                result = MpiLauncher.Run(mpiexec, args, seconds > 0 ? TimeSpan.FromSeconds(seconds) : Timeout.InfiniteTimeSpan, Console.WriteLine);
+                if (parse.GetValue(controlPlane) == "on")
+                {
+                    try
+                    {
+                        coordinator = Coordinator.Start(new CoordinatorOptions
+                        {
+                            Size = p, Bind = parse.GetValue(coordinatorBind)!, HangTimeout = TimeSpan.FromSeconds(hang),
+                            OnHang = report =>
+                            {
+                                Console.Error.WriteLine(report);
+                                Console.Error.Flush();
+                                killJob.Cancel();
+                            },
+                        });
+                        tokenFile = JobControlPlane.TokenFilePath(coordinator.Port);
+                        JobControlPlane.WriteTokenFile(tokenFile, coordinator.Token);
+                        // The ranks inherit mpiexec's environment (hydra passes it on): the token never
+                        // appears on a command line.
+                        environment["DSATTN_COORDINATOR"] = coordinator.Address;
+                        environment["DSATTN_TOKEN"] = coordinator.Token;
+                        Console.WriteLine($"control plane: coordinator at {coordinator.Address}, token in {tokenFile} (dsattn status --coordinator {coordinator.Address}), --hang-timeout {hang:0.#} s");
+                    }
+                    catch (Exception e) when (e is IOException or FormatException or UnauthorizedAccessException or InvalidOperationException or System.Net.Sockets.SocketException)
+                    {
+                        coordinator?.Dispose();
+                        coordinator = null;
+                        Console.Error.WriteLine($"dsattn launch: warning: the control-plane coordinator did not start ({e.GetType().Name}: {e.Message}); hang detection is off, the job goes on.");
+                    }
+                }
+                result = MpiLauncher.Run(mpiexec, args, seconds > 0 ? TimeSpan.FromSeconds(seconds) : Timeout.InfiniteTimeSpan, Console.WriteLine,
+                    environment, killJob.Token);
             }
             finally
             {
                 // A dry run keeps the rewritten hostfile so the printed line can be run by hand.
                 if (hydraFile is not null) File.Delete(hydraFile);
+                coordinator?.Dispose();
+                if (tokenFile is not null) File.Delete(tokenFile);
+            }
+            if (killJob.IsCancellationRequested)
+            {
+                Console.Error.WriteLine("dsattn launch: the watchdog ended the job (see its report above).");
+                return 1;
             }
             if (result.TimedOut)
             {
