@@ -88,6 +88,40 @@ public sealed partial class ControlPlaneTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task SilentRank_IsNamed_AndTheJobEnded()
+    {
+        string? address = null;
+        var seen = new ManualResetEventSlim();
+        var job = Task.Run(() => Dsattn.RunMpi(4, "run --attention lightning --scheme lasp2 --seq 8192 --heads 2 --backend cpu --iterations 100000 --hang-timeout 8",
+            TimeSpan.FromSeconds(120), output, null,
+            line =>
+            {
+                var m = CoordinatorLine().Match(line);
+                if (m.Success) { address = m.Groups[1].Value; seen.Set(); }
+            }));
+        Assert.True(seen.Wait(TimeSpan.FromSeconds(60)), "rank 0 never printed the coordinator's address");
+        string at = address!;
+        int port = int.Parse(at[(at.LastIndexOf(':') + 1)..], System.Globalization.CultureInfo.InvariantCulture);
+        string token = File.ReadAllText(Distributed.Cluster.ControlPlane.JobControlPlane.TokenFilePath(port));
+        using var client = new Distributed.Cluster.ControlPlane.CoordinatorClient(at, token);
+        int pid = 0;
+        for (int i = 0; i < 100 && pid == 0; i++)
+        {
+            pid = client.GetStatus(TimeSpan.FromSeconds(5)).Ranks[3].Pid;
+            if (pid == 0) Thread.Sleep(200);
+        }
+        Assert.NotEqual(0, pid);
+        // Stop rank 3 (SIGSTOP): its heartbeats stop; SIGKILL from mpiexec still ends it.
+        using (var stop = System.Diagnostics.Process.Start("kill", ["-STOP", pid.ToString(System.Globalization.CultureInfo.InvariantCulture)])!)
+            stop.WaitForExit();
+        var stopped = DateTime.UtcNow;
+        var r = await job;
+        Assert.NotEqual(0, r.ExitCode);
+        Assert.Contains("dsattn watchdog: rank 3 sent no heartbeat", r.Stderr, StringComparison.Ordinal);
+        Assert.True(DateTime.UtcNow - stopped < TimeSpan.FromSeconds(25), $"ended {(DateTime.UtcNow - stopped).TotalSeconds:F1} s after the stop");
+    }
+
+    [Fact]
     public void CoordinatorUnreachable_JobCompletes_AndWarnsThatHangDetectionIsOff()
     {
         var r = Dsattn.RunMpi(4, $"{Job} --check", TimeSpan.FromSeconds(120), output,
