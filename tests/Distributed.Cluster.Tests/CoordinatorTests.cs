@@ -143,6 +143,24 @@ public sealed class CoordinatorTests
     }
 
     [Fact]
+    public void Reporter_CoordinatorGoneMidRun_WarnsOnce()
+    {
+        var warn = new StringWriter();
+        var c = Coordinator.Start(new CoordinatorOptions { Size = 1, Log = TextWriter.Null });
+        using var r = RankReporter.Start(c.Address, c.Token, 0, 1, warn);
+        Assert.False(r.Degraded);
+        Thread.Sleep(1500);
+        using (var client = new CoordinatorClient(c.Address, c.Token))
+            Assert.True(client.GetStatus(Call).Ranks[0].Registered);
+        c.Dispose();
+        var until = DateTime.UtcNow + TimeSpan.FromSeconds(15);
+        while (!r.Degraded && DateTime.UtcNow < until) Thread.Sleep(200);
+        Thread.Sleep(2000);
+        Assert.True(r.Degraded);
+        Assert.Single(warn.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries));
+    }
+
+    [Fact]
     public void TokenFile_IsReadableByTheUserOnly()
     {
         string path = Path.Combine(Path.GetTempPath(), $"dsattn-test-{Guid.NewGuid():N}.token");
