@@ -87,8 +87,18 @@ public sealed class JobControlPlane : IDisposable
         {
             try
             {
-                coordinator = Coordinator.Start(new CoordinatorOptions { Size = world.Size, Bind = options.Bind, HangTimeout = options.HangTimeout, OnHang = options.OnHang, Log = error });
-                tokenFile = TokenFilePath(coordinator.Port);
+                string? file = null;
+                coordinator = Coordinator.Start(new CoordinatorOptions
+                {
+                    Size = world.Size, Bind = options.Bind, HangTimeout = options.HangTimeout, Log = error,
+                    // The job is about to be aborted: remove the token file first, nobody else will.
+                    OnHang = report =>
+                    {
+                        if (file is not null) { try { File.Delete(file); } catch (IOException) { } }
+                        options.OnHang(report);
+                    },
+                });
+                tokenFile = file = TokenFilePath(coordinator.Port);
                 WriteTokenFile(tokenFile, coordinator.Token);
                 message = $"{coordinator.Address} {coordinator.Token}";
                 output.WriteLine($"control plane: coordinator at {coordinator.Address}, token in {tokenFile} (dsattn status --coordinator {coordinator.Address}), --hang-timeout {options.HangTimeout.TotalSeconds:0.#} s");
