@@ -23,13 +23,8 @@ internal static class LightningSampledReference
     public static QueryRowResults QueryRows(ITokenRows q, ITokenRows k, ITokenRows v, ITokenRows? dO, SampledDims dims,
         ReadOnlySpan<float> decay, bool causal, IReadOnlyList<TokenRow> rows, int blockTokens = DefaultBlockTokens)
     {
-        dims.Validate();
+        dims.ExpectInputs(q, k, v, dO, blockTokens);
         int H = dims.Heads, Hk = dims.KvHeads, D = dims.HeadDim, Dv = dims.ValueDim, group = dims.Group;
-        dims.Expect(q, H * D, nameof(q));
-        dims.Expect(k, Hk * D, nameof(k));
-        dims.Expect(v, Hk * Dv, nameof(v));
-        if (dO is not null) dims.Expect(dO, H * Dv, nameof(dO));
-        ArgumentOutOfRangeException.ThrowIfLessThan(blockTokens, 1);
         double[] lambda = Lambdas(decay, H, causal);
         bool grad = dO is not null;
 
@@ -111,13 +106,8 @@ internal static class LightningSampledReference
     public static KeyRowResults KeyRows(ITokenRows q, ITokenRows k, ITokenRows v, ITokenRows dO, SampledDims dims,
         ReadOnlySpan<float> decay, bool causal, IReadOnlyList<TokenRow> rows, int blockTokens = DefaultBlockTokens)
     {
-        dims.Validate();
+        dims.ExpectInputs(q, k, v, dO, blockTokens);
         int H = dims.Heads, Hk = dims.KvHeads, D = dims.HeadDim, Dv = dims.ValueDim, group = dims.Group;
-        dims.Expect(q, H * D, nameof(q));
-        dims.Expect(k, Hk * D, nameof(k));
-        dims.Expect(v, Hk * Dv, nameof(v));
-        dims.Expect(dO, H * Dv, nameof(dO));
-        ArgumentOutOfRangeException.ThrowIfLessThan(blockTokens, 1);
         double[] lambda = Lambdas(decay, H, causal);
 
         int R = rows.Count;

@@ -28,6 +28,20 @@ internal readonly record struct SampledDims(int Batch, long SeqLen, int Heads, i
             throw new ArgumentException($"{name} is [{rows.Batch},{rows.SeqLen},{rows.Width}]; expected [{Batch},{SeqLen},{width}].", name);
     }
 
+    /// <summary>
+    /// The checks every reference starts with: sizes valid, q <c>[B, N, H·D]</c>, k <c>[B, N, Hk·D]</c>,
+    /// v <c>[B, N, Hk·Dv]</c>, dO (when given) <c>[B, N, H·Dv]</c>, and a positive block size.
+    /// </summary>
+    public void ExpectInputs(ITokenRows q, ITokenRows k, ITokenRows v, ITokenRows? dO, int blockTokens)
+    {
+        Validate();
+        Expect(q, Heads * HeadDim, nameof(q));
+        Expect(k, KvHeads * HeadDim, nameof(k));
+        Expect(v, KvHeads * ValueDim, nameof(v));
+        if (dO is not null) Expect(dO, Heads * ValueDim, nameof(dO));
+        ArgumentOutOfRangeException.ThrowIfLessThan(blockTokens, 1);
+    }
+
     /// <summary>Throws unless <paramref name="values"/> is a <c>[B, H, N]</c> row statistic.</summary>
     public void Expect(IRowValues values, string name)
     {

@@ -23,13 +23,8 @@ internal static class SoftmaxSampledReference
     public static QueryRowResults QueryRows(ITokenRows q, ITokenRows k, ITokenRows v, ITokenRows? dO, SampledDims dims,
         bool causal, double scale, IReadOnlyList<TokenRow> rows, int blockTokens = DefaultBlockTokens)
     {
-        dims.Validate();
+        dims.ExpectInputs(q, k, v, dO, blockTokens);
         int H = dims.Heads, Hk = dims.KvHeads, D = dims.HeadDim, Dv = dims.ValueDim, group = dims.Group;
-        dims.Expect(q, H * D, nameof(q));
-        dims.Expect(k, Hk * D, nameof(k));
-        dims.Expect(v, Hk * Dv, nameof(v));
-        if (dO is not null) dims.Expect(dO, H * Dv, nameof(dO));
-        ArgumentOutOfRangeException.ThrowIfLessThan(blockTokens, 1);
         double sc = dims.ScaleOrDefault(scale);
         bool grad = dO is not null;
 
@@ -144,15 +139,10 @@ internal static class SoftmaxSampledReference
     public static KeyRowResults KeyRows(ITokenRows q, ITokenRows dO, ITokenRows k, ITokenRows v, IRowValues lse, IRowValues drow,
         SampledDims dims, bool causal, double scale, IReadOnlyList<TokenRow> rows, int blockTokens = DefaultBlockTokens)
     {
-        dims.Validate();
+        dims.ExpectInputs(q, k, v, dO, blockTokens);
         int H = dims.Heads, Hk = dims.KvHeads, D = dims.HeadDim, Dv = dims.ValueDim, group = dims.Group;
-        dims.Expect(q, H * D, nameof(q));
-        dims.Expect(dO, H * Dv, nameof(dO));
-        dims.Expect(k, Hk * D, nameof(k));
-        dims.Expect(v, Hk * Dv, nameof(v));
         dims.Expect(lse, nameof(lse));
         dims.Expect(drow, nameof(drow));
-        ArgumentOutOfRangeException.ThrowIfLessThan(blockTokens, 1);
         double sc = dims.ScaleOrDefault(scale);
 
         int R = rows.Count;
