@@ -41,13 +41,25 @@ public sealed partial class ControlPlaneTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public void RankExitingMidRun_EndsTheJobPromptly_NonZero()
+    public void RankExitingMidRun_EndsTheJobPromptly_NonZero_AndLeavesNoOutput()
     {
-        var r = Dsattn.RunMpi(4, $"{Job} --backward", TimeSpan.FromSeconds(90), output,
-            new Dictionary<string, string?> { ["DSATTN_FAULT"] = "exit:1:8" });
-        Assert.NotEqual(0, r.ExitCode);
-        Assert.Contains("rank 1: DSATTN_FAULT exit at collective #8", r.Stderr, StringComparison.Ordinal);
-        Assert.True(r.Elapsed < TimeSpan.FromSeconds(40), $"took {r.Elapsed.TotalSeconds:F1} s");
+        string dir = Directory.CreateTempSubdirectory("dsattn-exit-").FullName;
+        try
+        {
+            string target = Path.Combine(dir, "o.npy");
+            var r = Dsattn.RunMpi(4, $"{Job} --backward --out {target}", TimeSpan.FromSeconds(90), output,
+                new Dictionary<string, string?> { ["DSATTN_FAULT"] = "exit:1:8" });
+            Assert.NotEqual(0, r.ExitCode);
+            Assert.Contains("rank 1: DSATTN_FAULT exit at collective #8", r.Stderr, StringComparison.Ordinal);
+            Assert.True(r.Elapsed < TimeSpan.FromSeconds(40), $"took {r.Elapsed.TotalSeconds:F1} s");
+            Assert.False(File.Exists(target), "a killed job must not leave its output");
+            // A rank killed outright cannot delete the job's temporary; the next run to the same target does.
+            var again = Dsattn.RunMpi(4, $"{Job} --backward --out {target}", TimeSpan.FromSeconds(90), output);
+            Assert.Equal(0, again.ExitCode);
+            Assert.True(File.Exists(target));
+            Assert.Empty(Directory.GetFiles(dir, ".*.tmp"));
+        }
+        finally { Directory.Delete(dir, true); }
     }
 
     [Fact]
