@@ -161,6 +161,44 @@ public sealed partial class ControlPlaneTests(ITestOutputHelper output)
         Assert.DoesNotContain("control plane", r.Stdout, StringComparison.Ordinal);
     }
 
+    [Fact]
+    public async Task Status_DuringARun_ShowsEveryRankAdvancing()
+    {
+        string? address = null;
+        var seen = new ManualResetEventSlim();
+        var job = Task.Run(() => Dsattn.RunMpi(4, "run --attention lightning --scheme lasp2 --seq 16384 --heads 2 --head-dim 32 --backward --iterations 150 --backend cpu",
+            TimeSpan.FromSeconds(180), output, null,
+            line =>
+            {
+                var m = CoordinatorLine().Match(line);
+                if (m.Success) { address = m.Groups[1].Value; seen.Set(); }
+            }));
+        Assert.True(seen.Wait(TimeSpan.FromSeconds(60)), "rank 0 never printed the coordinator's address");
+        // Poll while the job runs: every rank must be listed, and each rank's last collective must move on.
+        var numbers = new Dictionary<int, HashSet<long>>();
+        for (int poll = 0; poll < 40 && !job.IsCompleted; poll++)
+        {
+            var st = Dsattn.Run($"status --coordinator {address}", TimeSpan.FromSeconds(30), output);
+            // The coordinator goes away with the job: a refused poll right at the end is no failure.
+            if (st.ExitCode != 0 && await Task.WhenAny(job, Task.Delay(TimeSpan.FromSeconds(10))) == job) break;
+            Assert.Equal(0, st.ExitCode);
+            foreach (var m in StatusRow().Matches(st.Stdout).Cast<Match>())
+            {
+                int rank = int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+                if (!numbers.TryGetValue(rank, out var set)) numbers[rank] = set = [];
+                set.Add(long.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture));
+            }
+            await Task.Delay(300);
+        }
+        var r = await job;
+        Assert.Equal(0, r.ExitCode);
+        Assert.Equal([0, 1, 2, 3], numbers.Keys.Order());
+        Assert.All(numbers, kv => Assert.True(kv.Value.Count >= 2, $"rank {kv.Key}'s last collective did not advance: {string.Join(", ", kv.Value)}"));
+    }
+
+    [GeneratedRegex(@"^\s+(\d)\s.*?#(\d+)", RegexOptions.Multiline)]
+    private static partial Regex StatusRow();
+
     [GeneratedRegex(@"control plane: coordinator at (\S+),")]
     private static partial Regex CoordinatorLine();
 
