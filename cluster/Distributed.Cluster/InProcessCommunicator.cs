@@ -133,17 +133,9 @@ public sealed class InProcessCommunicator : ICommunicator
         return Start(nameof(StartAllReduceSum), CommOp.AllReduce, send.Span, receive.Length, all => Summed(all, receive.Span, n));
     }
 
-    private void CheckAllGather(int sendLength, int receiveLength)
-    {
-        if (receiveLength != (long)sendLength * Size)
-            throw new ArgumentException($"AllGather: receive must hold Size × send.Length = {(long)sendLength * Size} floats, got {receiveLength}.", "receive");
-    }
+    private void CheckAllGather(int sendLength, int receiveLength) => CollectiveArguments.CheckAllGather(sendLength, receiveLength, Size);
 
-    private static void CheckDisjoint(ReadOnlySpan<float> send, ReadOnlySpan<float> receive, string op)
-    {
-        if (send.Length > 0 && receive.Length > 0 && send.Overlaps(receive))
-            throw new ArgumentException($"{op}: send and receive must not overlap.", "receive");
-    }
+    private static void CheckDisjoint(ReadOnlySpan<float> send, ReadOnlySpan<float> receive, string op) => CollectiveArguments.CheckDisjoint(send, receive, op);
 
     private void Gathered(float[][] all, Span<float> receive, int n)
     {

@@ -389,17 +389,9 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             throw new InvalidOperationException($"SendRecv: rank {source} sent {got} floats but rank {Rank} expects {expected}.");
     }
 
-    private void CheckAllGather(int sendLength, int receiveLength)
-    {
-        if (receiveLength != (long)sendLength * Size)
-            throw new ArgumentException($"AllGather: receive must hold Size × send.Length = {(long)sendLength * Size} floats, got {receiveLength}.", "receive");
-    }
+    private void CheckAllGather(int sendLength, int receiveLength) => CollectiveArguments.CheckAllGather(sendLength, receiveLength, Size);
 
-    private static void CheckDisjoint(ReadOnlySpan<float> send, ReadOnlySpan<float> receive, string op)
-    {
-        if (send.Length > 0 && receive.Length > 0 && send.Overlaps(receive))
-            throw new ArgumentException($"{op}: send and receive must not overlap.", "receive");
-    }
+    private static void CheckDisjoint(ReadOnlySpan<float> send, ReadOnlySpan<float> receive, string op) => CollectiveArguments.CheckDisjoint(send, receive, op);
 
     /// <summary>MPI forbids a send buffer that overlaps the receive buffer: copy such a send (rare).</summary>
     private static float[]? Unalias(ref ReadOnlySpan<float> send, ReadOnlySpan<float> receive)
