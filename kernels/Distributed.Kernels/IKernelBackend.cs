@@ -143,9 +143,14 @@ public abstract class DeviceTensor : IDisposable
     /// <summary>Copies elements <c>[offset, offset + destination.Length)</c> into <paramref name="destination"/>.</summary>
     public abstract void CopyToHost(Span<float> destination, long offset = 0);
 
+    /// <summary>Whether <see cref="Dispose()"/> has run (the storage is gone).</summary>
+    public bool IsDisposed { get; private set; }
+
     /// <summary>Releases the storage.</summary>
     public void Dispose()
     {
+        if (IsDisposed) return;
+        IsDisposed = true;
         Dispose(true);
         GC.SuppressFinalize(this);
     }

@@ -14,21 +14,24 @@ public enum AttentionKind
     Lightning,
 }
 
-/// <summary>How the layer is split over ranks.</summary>
+/// <summary>
+/// How the layer is split over ranks. Each member registers its scheme's descriptor (name, attention kinds,
+/// validation, default layout, memory estimate, construction) with one attribute; see <see cref="SchemeRegistry"/>.
+/// </summary>
 public enum ParallelScheme
 {
     /// <summary>LASP-2 (lightning): one all-gather of [B,H,D,Dv] chunk states per pass.</summary>
-    Lasp2,
+    [RegisteredScheme(typeof(Lasp2Descriptor))] Lasp2,
     /// <summary>All-gather K and V (softmax; LASP-2H / Llama-3 context parallel); backward reduce-scatters dK, dV.</summary>
-    AllGather,
+    [RegisteredScheme(typeof(AllGatherSoftmaxDescriptor))] AllGather,
     /// <summary>Partial softmax states: KV stays sharded, Q and the (O, LSE) partials move.</summary>
-    Partial,
+    [RegisteredScheme(typeof(PartialSoftmaxDescriptor))] Partial,
     /// <summary>Ring attention: KV blocks travel around the ring while the current block computes.</summary>
-    Ring,
+    [RegisteredScheme(typeof(RingSoftmaxDescriptor))] Ring,
     /// <summary>Ulysses: all-to-all from sequence shards to head shards and back.</summary>
-    Ulysses,
+    [RegisteredScheme(typeof(UlyssesDescriptor))] Ulysses,
     /// <summary>2-D: Ulysses inside head groups, a sequence scheme across them.</summary>
-    Hybrid,
+    [RegisteredScheme(typeof(HybridDescriptor))] Hybrid,
 }
 
 /// <summary>How the sequence is cut into shards.</summary>
@@ -82,17 +85,52 @@ public sealed record SequenceParallelOptions
 /// <param name="CommunicationMs">Collective time, including host staging.</param>
 public sealed record PhaseTimings(double ComputeMs, double CommunicationMs);
 
+/// <summary>What a saved context keeps of the forward's inputs for its backward pass.</summary>
+public enum SavedInputs
+{
+    /// <summary>
+    /// References to the caller's q, k, v and o (no copy, no memory). Forward records a checksum of each;
+    /// Backward recomputes them and refuses, naming the tensor, if any was changed or disposed in between.
+    /// </summary>
+    Reference,
+    /// <summary>
+    /// Copies of q, k and v (and o) owned by the context, from a pool reused across steps: the caller may
+    /// change or reuse its tensors as soon as Forward returns.
+    /// </summary>
+    Copy,
+}
+
 /// <summary>
 /// One attention layer split over the ranks of a communicator: the public entry point. Each rank calls
-/// <see cref="Forward"/> (and, in training, <see cref="Backward"/>) with its local shards; the result is the
-/// single-device result's rows for the tokens this rank owns (<see cref="LocalTokenRanges"/>).
+/// Forward (and, in training, Backward) with its local shards; the result is the single-device result's
+/// rows for the tokens this rank owns (<see cref="LocalTokenRanges"/>; <see cref="Shard(ReadOnlySpan{float}, DeviceTensor)"/>
+/// and <see cref="Gather(DeviceTensor)"/> move whole tensors in and out).
+/// <para>
+/// Training: <see cref="Forward(DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor, SavedInputs)"/> returns an
+/// <see cref="AttentionContext"/> that holds what Backward needs; <see cref="Backward(AttentionContext, DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor, bool)"/>
+/// consumes it. Any number of contexts may be alive at once (several micro-batches, activation
+/// checkpointing); each holds one instance of the scheme's saved tensors, taken from a pool that Backward
+/// and <see cref="AttentionContext.Dispose"/> return it to, so steady-state steps allocate nothing large.
+/// <see cref="Forward(DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor)"/> and
+/// <see cref="Backward(DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor, bool)"/> are the one-context convenience.
+/// </para>
+/// <para>Every method that communicates is collective: every rank calls it, in the same order. Not thread-safe.</para>
 /// </summary>
 public sealed class SequenceParallelAttention : IDisposable
 {
-    private readonly IScheme _scheme;
+    private readonly ICommunicator _comm;
+    private readonly IKernelBackend _backend;
+    private readonly SchemeDescriptor _descriptor;
+    private readonly SchemeSetup _setup;
     private readonly PhaseClock _clock;
     private readonly AttentionShape _shape;
-    private bool _forwardRan;
+    private readonly SharedResources _shared = new();
+    private readonly List<SchemeSlot> _slots = [];
+    private AttentionContext? _implicit;
+    private DeviceTensor[]? _accumulateScratch;   // dQ, dK, dV for accumulating backward passes
+    private DeviceTensor[]? _hostScratch;         // dO, dQ, dK, dV for the span overloads
+    private IReadOnlyList<(int Start, int Count)>[]? _allRanges;
+    private bool _disposed;
 
     /// <summary>Validates the shape and options against the communicator and builds the scheme.</summary>
     /// <exception cref="ArgumentException">A shape or option the scheme cannot take; the message names the
@@ -105,27 +143,43 @@ public sealed class SequenceParallelAttention : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         Validate(shape, options);
         _shape = shape;
-        var layout = options.Layout ?? DefaultLayout(options);
+        _comm = communicator;
+        _backend = backend;
+        _descriptor = SchemeRegistry.Get(options.Scheme);
+        var layout = options.Layout ?? _descriptor.DefaultLayout(options);
+        _descriptor.Validate(shape, options, communicator.Size);
         CheckFits(shape, options with { Layout = layout }, communicator.Size, communicator is InProcessCommunicator ? communicator.Size : 1,
             checkHostMemory: backend is Distributed.Kernels.Cpu.CpuBackend);
         _clock = new PhaseClock(backend);
-        _scheme = options.Scheme switch
+        _setup = new SchemeSetup(communicator, backend, shape, options with { Layout = layout }, layout, _clock, _shared);
+        Options = options with { Layout = layout };
+        try { _slots.Add(new SchemeSlot(_descriptor.Create(_setup))); }
+        catch
         {
-            ParallelScheme.Lasp2 => new LaspLinearAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.AllGather => new AllGatherSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Ulysses => new UlyssesAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Ring => new RingSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Partial => new PartialSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
-            ParallelScheme.Hybrid => new HybridAttention(communicator, backend, shape, options, layout, _clock),
-            _ => throw new ArgumentOutOfRangeException(nameof(options), options.Scheme, "Unknown scheme."),
-        };
+            _shared.Dispose();
+            throw;
+        }
+        LocalTokenRanges = _slots[0].Scheme.Ranges;
+        LocalTokens = LocalTokenRanges.Sum(r => r.Count);
     }
 
-    /// <summary>The global token ranges this rank owns, in local order (zigzag: two ranges).</summary>
-    public IReadOnlyList<(int Start, int Count)> LocalTokenRanges => _scheme.Ranges;
+    /// <summary>The global shape.</summary>
+    public AttentionShape Shape => _shape;
 
-    /// <summary>Σ of the range counts: the local sequence length.</summary>
-    public int LocalTokens => _scheme.Ranges.Sum(r => r.Count);
+    /// <summary>The options, with the layout resolved (<see cref="SequenceParallelOptions.Layout"/> never null).</summary>
+    public SequenceParallelOptions Options { get; }
+
+    /// <summary>The global token ranges this rank owns, in local order (zigzag: two ranges).</summary>
+    public IReadOnlyList<(int Start, int Count)> LocalTokenRanges { get; }
+
+    /// <summary>Σ of the range counts: the local sequence length Nloc.</summary>
+    public int LocalTokens { get; }
+
+    /// <summary>Contexts alive now (returned by Forward, neither consumed by Backward nor disposed).</summary>
+    public int LiveContexts => _slots.Count(s => s.Busy);
+
+    /// <summary>Scheme instances made so far: the most contexts that were alive at once (the pool only grows).</summary>
+    public int PooledContexts => _slots.Count;
 
     /// <summary>Compute and communication time since construction or <see cref="ResetTimings"/>.</summary>
     public PhaseTimings Timings => _clock.Timings;
@@ -134,35 +188,262 @@ public sealed class SequenceParallelAttention : IDisposable
     public void ResetTimings() => _clock.Reset();
 
     /// <summary>
-    /// Forward over the local shards: q <c>[B,Nloc,H,D]</c>, k <c>[B,Nloc,Hk,D]</c>, v <c>[B,Nloc,Hk,Dv]</c>;
-    /// writes o <c>[B,Nloc,H,Dv]</c>. Collective: every rank calls it.
+    /// The one-context convenience: forward over the local shards q <c>[B,Nloc,H,D]</c>, k <c>[B,Nloc,Hk,D]</c>,
+    /// v <c>[B,Nloc,Hk,Dv]</c>, writing o <c>[B,Nloc,H,Dv]</c>, and keeping one implicit context (references
+    /// to q, k, v and o, checked by <see cref="Backward(DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor, bool)"/>).
+    /// A second call replaces the implicit context. Collective.
     /// </summary>
     public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
-        _scheme.Forward(q, k, v, o);
-        _forwardRan = true;
+        ReleaseImplicit();
+        _implicit = Forward(q, k, v, o, SavedInputs.Reference);
     }
 
     /// <summary>
-    /// Backward after <see cref="Forward"/>: given dO <c>[B,Nloc,H,Dv]</c>, writes the gradients of the local
-    /// shards dQ <c>[B,Nloc,H,D]</c>, dK <c>[B,Nloc,Hk,D]</c>, dV <c>[B,Nloc,Hk,Dv]</c>. Collective.
+    /// Forward over the local shards q <c>[B,Nloc,H,D]</c>, k <c>[B,Nloc,Hk,D]</c>, v <c>[B,Nloc,Hk,Dv]</c>;
+    /// writes o <c>[B,Nloc,H,Dv]</c> and returns the context that Backward consumes (dispose it instead when no
+    /// backward follows). Collective.
     /// </summary>
-    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV) => _scheme.Backward(dO, dQ, dK, dV);
+    /// <param name="q">Local queries.</param>
+    /// <param name="k">Local keys.</param>
+    /// <param name="v">Local values.</param>
+    /// <param name="o">Local output (written).</param>
+    /// <param name="saved">Whether the context references the caller's tensors (checked at Backward) or copies them.</param>
+    /// <exception cref="ArgumentException">A tensor of the wrong shape (named).</exception>
+    public AttentionContext Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o, SavedInputs saved)
+    {
+        ThrowIfDisposed();
+        ExpectInputs(q, k, v, o);
+        var slot = Rent();
+        try
+        {
+            if (saved == SavedInputs.Copy)
+            {
+                var c = slot.Copies(_backend, _shape, LocalTokens);
+                Copy(q, c[0]);
+                Copy(k, c[1]);
+                Copy(v, c[2]);
+                slot.Scheme.Forward(c[0], c[1], c[2], c[3]);
+                Copy(c[3], o);
+                return new AttentionContext(this, slot, saved, null);
+            }
+            slot.Scheme.Forward(q, k, v, o);
+            (string Name, DeviceTensor Tensor)[] inputs = [("q", q), ("k", k), ("v", v), ("o", o)];
+            var sums = inputs.Select(t => (t.Name, t.Tensor, TensorChecksum.Of(t.Tensor))).ToArray();
+            return new AttentionContext(this, slot, saved, sums);
+        }
+        catch
+        {
+            slot.Busy = false;
+            throw;
+        }
+    }
 
     /// <summary>
-    /// Softmax attention: copies the log-sum-exp of the last <see cref="Forward"/> for this rank's query rows,
-    /// <c>[B, H, Nloc]</c> in local token order (natural log, of the scaled scores), into <paramref name="lse"/>.
-    /// Collective: every rank calls it (Ulysses brings it back from head shards with one all-to-all).
+    /// Forward from host memory (the common CPU case): q, k, v are this rank's shards laid out as
+    /// <c>[B,Nloc,H,D]</c>, <c>[B,Nloc,Hk,D]</c>, <c>[B,Nloc,Hk,Dv]</c>; o <c>[B,Nloc,H,Dv]</c> is written. The
+    /// inputs are copied into the context (<see cref="SavedInputs.Copy"/>), so the spans may change afterwards.
+    /// Collective.
+    /// </summary>
+    /// <exception cref="ArgumentException">A span of the wrong length (named, with the shape it needs).</exception>
+    public AttentionContext Forward(ReadOnlySpan<float> q, ReadOnlySpan<float> k, ReadOnlySpan<float> v, Span<float> o)
+    {
+        ThrowIfDisposed();
+        int b = _shape.Batch, n = LocalTokens, h = _shape.Heads, hk = _shape.KvHeads, d = _shape.HeadDim, dv = _shape.ValueDim;
+        ExpectLength(q.Length, "q", b, n, h, d);
+        ExpectLength(k.Length, "k", b, n, hk, d);
+        ExpectLength(v.Length, "v", b, n, hk, dv);
+        ExpectLength(o.Length, "o", b, n, h, dv);
+        var slot = Rent();
+        try
+        {
+            var c = slot.Copies(_backend, _shape, LocalTokens);
+            c[0].CopyFromHost(q);
+            c[1].CopyFromHost(k);
+            c[2].CopyFromHost(v);
+            slot.Scheme.Forward(c[0], c[1], c[2], c[3]);
+            c[3].CopyToHost(o);
+            return new AttentionContext(this, slot, SavedInputs.Copy, null);
+        }
+        catch
+        {
+            slot.Busy = false;
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// The one-context convenience: backward of the last <see cref="Forward(DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor)"/>,
+    /// which it consumes. Given dO <c>[B,Nloc,H,Dv]</c>, writes (or, with <paramref name="accumulate"/>, adds to)
+    /// dQ <c>[B,Nloc,H,D]</c>, dK <c>[B,Nloc,Hk,D]</c>, dV <c>[B,Nloc,Hk,Dv]</c>. Collective.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">No forward to consume, or q, k, v or o changed since it.</exception>
+    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV, bool accumulate = false)
+    {
+        ThrowIfDisposed();
+        var context = _implicit;
+        if (context is null)
+            throw new InvalidOperationException("Backward(dO, dQ, dK, dV) consumes the saved forward of the last Forward(q, k, v, o), and there is none: call Forward first (each Forward allows one Backward), or use the context that Forward(q, k, v, o, saved) returns.");
+        _implicit = null;
+        Backward(context, dO, dQ, dK, dV, accumulate);
+    }
+
+    /// <summary>
+    /// Backward of the forward that made <paramref name="context"/>, which it consumes (its pooled buffers go
+    /// back to the pool). Given dO <c>[B,Nloc,H,Dv]</c>, writes dQ <c>[B,Nloc,H,D]</c>, dK <c>[B,Nloc,Hk,D]</c>
+    /// and dV <c>[B,Nloc,Hk,Dv]</c>, or adds into them when <paramref name="accumulate"/> is true (gradient
+    /// accumulation over micro-batches). Collective.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">The context was disposed.</exception>
+    /// <exception cref="InvalidOperationException">The context was consumed already, belongs to another layer, or
+    /// (with <see cref="SavedInputs.Reference"/>) one of q, k, v, o changed or was disposed since its Forward.</exception>
+    public void Backward(AttentionContext context, DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV, bool accumulate = false)
+    {
+        ThrowIfDisposed();
+        var slot = Take(context);
+        int b = _shape.Batch, n = LocalTokens;
+        AttentionDims.Expect(dO, nameof(dO), b, n, _shape.Heads, _shape.ValueDim);
+        AttentionDims.Expect(dQ, nameof(dQ), b, n, _shape.Heads, _shape.HeadDim);
+        AttentionDims.Expect(dK, nameof(dK), b, n, _shape.KvHeads, _shape.HeadDim);
+        AttentionDims.Expect(dV, nameof(dV), b, n, _shape.KvHeads, _shape.ValueDim);
+        context.VerifyInputs();
+        context.Consume();
+        try
+        {
+            if (!accumulate) slot.Scheme.Backward(dO, dQ, dK, dV);
+            else
+            {
+                var g = _accumulateScratch ??= [Like(dQ), Like(dK), Like(dV)];
+                slot.Scheme.Backward(dO, g[0], g[1], g[2]);
+                _clock.Compute(() =>
+                {
+                    TensorChecksum.AddInto(g[0], dQ);
+                    TensorChecksum.AddInto(g[1], dK);
+                    TensorChecksum.AddInto(g[2], dV);
+                });
+            }
+        }
+        finally { slot.Busy = false; }
+    }
+
+    /// <summary>
+    /// Backward to host memory (the common CPU case): dO <c>[B,Nloc,H,Dv]</c> in; dQ <c>[B,Nloc,H,D]</c>,
+    /// dK <c>[B,Nloc,Hk,D]</c>, dV <c>[B,Nloc,Hk,Dv]</c> written, or added to with <paramref name="accumulate"/>.
+    /// Consumes <paramref name="context"/>. Collective.
+    /// </summary>
+    public void Backward(AttentionContext context, ReadOnlySpan<float> dO, Span<float> dQ, Span<float> dK, Span<float> dV, bool accumulate = false)
+    {
+        ThrowIfDisposed();
+        int b = _shape.Batch, n = LocalTokens, h = _shape.Heads, hk = _shape.KvHeads, d = _shape.HeadDim, dv = _shape.ValueDim;
+        ExpectLength(dO.Length, "dO", b, n, h, dv);
+        ExpectLength(dQ.Length, "dQ", b, n, h, d);
+        ExpectLength(dK.Length, "dK", b, n, hk, d);
+        ExpectLength(dV.Length, "dV", b, n, hk, dv);
+        var t = _hostScratch ??= [_backend.Allocate(b, n, h, dv), _backend.Allocate(b, n, h, d), _backend.Allocate(b, n, hk, d), _backend.Allocate(b, n, hk, dv)];
+        t[0].CopyFromHost(dO);
+        Backward(context, t[0], t[1], t[2], t[3]);
+        CopyOut(t[1], dQ, accumulate);
+        CopyOut(t[2], dK, accumulate);
+        CopyOut(t[3], dV, accumulate);
+    }
+
+    /// <summary>
+    /// Softmax attention: copies the log-sum-exp of the last <see cref="Forward(DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor)"/>
+    /// for this rank's query rows, <c>[B, H, Nloc]</c> in local token order (natural log, of the scaled scores),
+    /// into <paramref name="lse"/>. Collective (Ulysses brings it back from head shards with one all-to-all).
     /// </summary>
     /// <exception cref="ArgumentException"><paramref name="lse"/> is not <c>[B, H, Nloc]</c>.</exception>
-    /// <exception cref="InvalidOperationException">No forward has run yet.</exception>
+    /// <exception cref="InvalidOperationException">No forward has run yet, or its context was consumed.</exception>
     /// <exception cref="NotSupportedException">Lightning attention (it has no LSE).</exception>
     public void CopyLse(DeviceTensor lse)
     {
         AttentionDims.Expect(lse, nameof(lse), _shape.Batch, _shape.Heads, LocalTokens);
-        if (!_forwardRan) throw new InvalidOperationException("CopyLse reads the last forward's log-sum-exp: call Forward first.");
-        _scheme.CopyLse(lse);
+        if (_implicit is null) throw new InvalidOperationException("CopyLse reads the last forward's log-sum-exp: call Forward first, and call CopyLse before Backward (which consumes the forward).");
+        CopyLse(_implicit, lse);
     }
+
+    /// <summary>
+    /// Softmax attention: copies the log-sum-exp that <paramref name="context"/>'s forward computed, <c>[B, H, Nloc]</c>
+    /// in local token order, into <paramref name="lse"/>. Call it before Backward consumes the context. Collective.
+    /// </summary>
+    public void CopyLse(AttentionContext context, DeviceTensor lse)
+    {
+        ThrowIfDisposed();
+        AttentionDims.Expect(lse, nameof(lse), _shape.Batch, _shape.Heads, LocalTokens);
+        var slot = Peek(context);
+        slot.Scheme.CopyLse(lse);
+    }
+
+    /// <summary>
+    /// Copies this rank's rows of a whole tensor into its local shard: <paramref name="global"/> is
+    /// <c>[B, N, …]</c> (every rank passes the same data, or at least the same rows for its tokens) and
+    /// <paramref name="local"/> is <c>[B, Nloc, …]</c> with the same trailing dimensions. No communication; the
+    /// layout (zigzag or contiguous, hybrid groups) is the scheme's.
+    /// </summary>
+    /// <exception cref="ArgumentException">The lengths do not fit one another (named).</exception>
+    public void Shard(ReadOnlySpan<float> global, DeviceTensor local)
+    {
+        ArgumentNullException.ThrowIfNull(local);
+        long rowWidth = RowWidth(local, nameof(local));
+        long expected = (long)_shape.Batch * _shape.SeqLen * rowWidth;
+        if (global.Length != expected)
+            throw new ArgumentException($"global holds {global.Length} floats but [B={_shape.Batch}, N={_shape.SeqLen}, {rowWidth} per token] needs {expected}; pass the whole tensor whose local shard is {local}.", nameof(global));
+        foreach (var seg in Sharding.Segments(_shape.Batch, _shape.SeqLen, (int)rowWidth, LocalTokenRanges))
+            for (long done = 0; done < seg.Length;)
+            {
+                int count = (int)Math.Min(int.MaxValue / 2, seg.Length - done);
+                local.CopyFromHost(global.Slice((int)(seg.GlobalOffset + done), count), seg.LocalOffset + done);
+                done += count;
+            }
+    }
+
+    /// <summary>
+    /// This rank's rows of a whole host tensor <c>[B, N, rowWidth]</c>, as a new local array <c>[B, Nloc, rowWidth]</c>
+    /// (rowWidth = heads × head dim). No communication.
+    /// </summary>
+    public float[] Shard(ReadOnlySpan<float> global, int rowWidth)
+    {
+        if (rowWidth < 1) throw new ArgumentOutOfRangeException(nameof(rowWidth), rowWidth, "rowWidth is heads × head dim, at least 1.");
+        long expected = (long)_shape.Batch * _shape.SeqLen * rowWidth;
+        if (global.Length != expected)
+            throw new ArgumentException($"global holds {global.Length} floats but [B={_shape.Batch}, N={_shape.SeqLen}, {rowWidth}] needs {expected}.", nameof(global));
+        var local = new float[(long)_shape.Batch * LocalTokens * rowWidth];
+        Sharding.TakeLocal(global, local, _shape.Batch, _shape.SeqLen, rowWidth, LocalTokenRanges);
+        return local;
+    }
+
+    /// <summary>
+    /// The whole tensor <c>[B, N, …]</c> assembled from every rank's local shard <c>[B, Nloc, …]</c>, returned on
+    /// every rank (one all-gather). Collective. For tensors past 2^31 floats, write each rank's rows to a file
+    /// instead (<see cref="IO.NpyWriter"/>).
+    /// </summary>
+    /// <exception cref="ArgumentException">The whole tensor would not fit one array.</exception>
+    public float[] Gather(DeviceTensor local)
+    {
+        ThrowIfDisposed();
+        ArgumentNullException.ThrowIfNull(local);
+        long rowWidth = RowWidth(local, nameof(local));
+        var all = AllRanges();
+        long total = (long)_shape.Batch * _shape.SeqLen * rowWidth;
+        if (total > Array.MaxLength)
+            throw new ArgumentException($"The whole tensor holds {total:N0} floats, more than one array takes; write each rank's rows to a .npy file instead (NpyWriter).", nameof(local));
+        var counts = all.Select(r => checked(_shape.Batch * r.Sum(x => x.Count) * (int)rowWidth)).ToArray();
+        var mine = new float[local.Length];
+        local.CopyToHost(mine);
+        var gathered = new float[total];
+        _comm.AllGatherVariable(mine, gathered, counts);
+        var global = new float[total];
+        long offset = 0;
+        for (int r = 0; r < all.Length; r++)
+        {
+            Sharding.PutLocal(gathered.AsSpan((int)offset, counts[r]), global, _shape.Batch, _shape.SeqLen, (int)rowWidth, all[r]);
+            offset += counts[r];
+        }
+        return global;
+    }
+
+    /// <summary>A new local tensor <c>[B, Nloc, heads, dim]</c> on this layer's backend (zeroed on the CPU backend).</summary>
+    public DeviceTensor AllocateLocal(int heads, int dim) => _backend.Allocate(_shape.Batch, LocalTokens, heads, dim);
 
     /// <summary>
     /// One decode step with the KV cache sharded over ranks (partial softmax states): q <c>[B, Nq, H, D]</c>
@@ -182,8 +463,18 @@ public sealed class SequenceParallelAttention : IDisposable
         PartialSoftmaxAttention.Decode(communicator, backend, q, queryPosition, kLocal, vLocal, kvStart, o, causal, scale);
     }
 
-    /// <summary>Releases the scheme's device buffers.</summary>
-    public void Dispose() => _scheme.Dispose();
+    /// <summary>Releases every pooled scheme instance and buffer. Contexts still alive become unusable.</summary>
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        _implicit = null;
+        foreach (var slot in _slots) slot.Dispose();
+        _slots.Clear();
+        foreach (var t in _accumulateScratch ?? []) t.Dispose();
+        foreach (var t in _hostScratch ?? []) t.Dispose();
+        _shared.Dispose();
+    }
 
     /// <summary>
     /// TransNormerLLM's decay: <c>λ_h = exp(−s_h)</c> with <c>s_h</c> the ALiBi slopes for H heads
@@ -205,7 +496,8 @@ public sealed class SequenceParallelAttention : IDisposable
     /// The bytes one rank holds for a forward and backward step of this shape on <paramref name="ranks"/>
     /// ranks: its local shards of q, k, v, o, dO, dQ, dK and dV (the caller's tensors), what the scheme
     /// gathers or keeps for the backward pass (device tensors), and its host staging buffers. Kernel scratch
-    /// (a few MiB, plus up to 16 MiB of packed K/V per CPU backend, or one KV head if larger) is not included. Call it before the ranks
+    /// (a few MiB, plus up to 16 MiB of packed K/V per CPU backend, or one KV head if larger) is not included,
+    /// nor are further saved contexts (each alive context holds its own scheme tensors). Call it before the ranks
     /// start to refuse a shape early; 64-bit throughout, so any shape gives a number, never an overflow.
     /// </summary>
     /// <exception cref="ArgumentException">An invalid shape or option (the same checks as the constructor).</exception>
@@ -215,7 +507,9 @@ public sealed class SequenceParallelAttention : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks), ranks, "At least one rank.");
         Validate(shape, options);
-        return MemoryEstimate.For(shape, options, ranks, options.Layout ?? DefaultLayout(options)).TotalBytes;
+        var d = SchemeRegistry.Get(options.Scheme);
+        d.Validate(shape, options, ranks);
+        return MemoryEstimate.For(shape, options, ranks, options.Layout ?? d.DefaultLayout(options)).TotalBytes;
     }
 
     /// <summary>
@@ -237,7 +531,9 @@ public sealed class SequenceParallelAttention : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks), ranks, "At least one rank.");
         Validate(shape, options);
-        var e = MemoryEstimate.For(shape, options, ranks, options.Layout ?? DefaultLayout(options));
+        var d = SchemeRegistry.Get(options.Scheme);
+        d.Validate(shape, options, ranks);
+        var e = MemoryEstimate.For(shape, options, ranks, options.Layout ?? d.DefaultLayout(options));
         string what = $"{options.Scheme} over {ranks} rank(s) at B={shape.Batch}, N={shape.SeqLen}, H={shape.Heads}, Hk={shape.KvHeads}, D={shape.HeadDim}, Dv={shape.ValueDim}";
         string need = $"needs {Gib(e.TotalBytes)} per rank ({Gib(e.CallerFloats * 4L)} of local q, k, v, o and gradients, {Gib(e.SchemeFloats * 4L)} of scheme tensors, {Gib(e.StagingFloats * 4L)} of host staging)";
         if (e.LargestSingleFloats > Array.MaxLength)
@@ -253,29 +549,156 @@ public sealed class SequenceParallelAttention : IDisposable
 
     private static string Gib(long bytes) => bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):F1} GiB" : $"{bytes / (double)(1L << 20):F1} MiB";
 
-    private static ShardLayout DefaultLayout(SequenceParallelOptions o) =>
-        o.Causal && (o.Scheme is ParallelScheme.Lasp2 or ParallelScheme.AllGather or ParallelScheme.Ring
-            || (o.Scheme == ParallelScheme.Hybrid && (o.Attention == AttentionKind.Lightning || o.HybridSequenceScheme != ParallelScheme.Partial)))
-            ? ShardLayout.Zigzag : ShardLayout.Contiguous;
-
     private static void Validate(AttentionShape s, SequenceParallelOptions o)
     {
         if (s.Batch < 1 || s.SeqLen < 1 || s.Heads < 1 || s.KvHeads < 1 || s.HeadDim < 1 || s.ValueDim < 1)
             throw new ArgumentException($"Every dimension of {s} must be at least 1.", "shape");
         if (s.Heads % s.KvHeads != 0)
             throw new ArgumentException($"Heads {s.Heads} is not a multiple of KvHeads {s.KvHeads}; GQA needs H % Hk == 0 (e.g. KvHeads = {s.Heads}).", "shape");
-        if (o.Attention == AttentionKind.Lightning)
+        var d = SchemeRegistry.Get(o.Scheme);
+        if (!d.Kinds.Contains(o.Attention))
+            throw new ArgumentException($"Scheme {o.Scheme} ({d.CliName}) does not run {o.Attention.ToString().ToLowerInvariant()} attention; {o.Attention.ToString().ToLowerInvariant()} attention uses {string.Join(", ", SchemeRegistry.All.Where(x => x.Kinds.Contains(o.Attention)).Select(x => x.Scheme))}.", "options");
+        if (o.Attention == AttentionKind.Lightning && o.Decay is { } decay)
         {
-            if (o.Scheme is ParallelScheme.AllGather or ParallelScheme.Partial or ParallelScheme.Ring)
-                throw new ArgumentException($"Scheme {o.Scheme} is for softmax attention; lightning attention uses Lasp2, Ulysses or Hybrid.", "options");
-            if (o.Decay is { } d)
-            {
-                if (d.Length != s.Heads) throw new ArgumentException($"Decay has {d.Length} values but there are {s.Heads} heads; give one λ per head.", "options");
-                if (d.Any(l => !(l > 0f && l <= 1f))) throw new ArgumentException("Every decay λ must be in (0, 1]; 1 means no decay.", "options");
-            }
+            if (decay.Length != s.Heads) throw new ArgumentException($"Decay has {decay.Length} values but there are {s.Heads} heads; give one λ per head.", "options");
+            if (decay.Any(l => !(l > 0f && l <= 1f))) throw new ArgumentException("Every decay λ must be in (0, 1]; 1 means no decay.", "options");
         }
-        else if (o.Scheme == ParallelScheme.Lasp2)
-            throw new ArgumentException("LASP-2 is for lightning (linear) attention; softmax attention uses AllGather, Partial, Ring, Ulysses or Hybrid.", "options");
+    }
+
+    private SchemeSlot Rent()
+    {
+        foreach (var slot in _slots)
+            if (!slot.Busy)
+            {
+                slot.Busy = true;
+                return slot;
+            }
+        var made = new SchemeSlot(_descriptor.Create(_setup)) { Busy = true };
+        _slots.Add(made);
+        return made;
+    }
+
+    /// <summary>The slot of a context that Backward may consume.</summary>
+    private SchemeSlot Take(AttentionContext context) => Peek(context);
+
+    private SchemeSlot Peek(AttentionContext context)
+    {
+        ArgumentNullException.ThrowIfNull(context);
+        if (!ReferenceEquals(context.Owner, this))
+            throw new InvalidOperationException("This context was made by another SequenceParallelAttention (another layer); pass it to the Backward of the layer whose Forward returned it.");
+        context.ThrowIfUnusable();
+        return context.Slot;
+    }
+
+    internal void Release(AttentionContext context)
+    {
+        if (ReferenceEquals(_implicit, context)) _implicit = null;
+        if (!_disposed) context.Slot.Busy = false;
+    }
+
+    private void ReleaseImplicit()
+    {
+        var previous = _implicit;
+        _implicit = null;
+        previous?.Dispose();
+    }
+
+    private void ExpectInputs(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    {
+        int b = _shape.Batch, n = LocalTokens;
+        AttentionDims.Expect(q, nameof(q), b, n, _shape.Heads, _shape.HeadDim);
+        AttentionDims.Expect(k, nameof(k), b, n, _shape.KvHeads, _shape.HeadDim);
+        AttentionDims.Expect(v, nameof(v), b, n, _shape.KvHeads, _shape.ValueDim);
+        AttentionDims.Expect(o, nameof(o), b, n, _shape.Heads, _shape.ValueDim);
+        foreach (var (t, name) in new[] { (q, "q"), (k, "k"), (v, "v"), (o, "o") })
+            if (t.IsDisposed) throw new ObjectDisposedException(name, $"{name} was disposed; pass a live tensor.");
+    }
+
+    private static void ExpectLength(long length, string name, int b, int n, int heads, int dim)
+    {
+        long need = (long)b * n * heads * dim;
+        if (length != need)
+            throw new ArgumentException($"{name} holds {length} floats but this rank's shard [B={b}, Nloc={n}, {heads}, {dim}] needs {need}; pass this rank's rows only (see LocalTokenRanges, or Shard).", name);
+    }
+
+    private long RowWidth(DeviceTensor local, string name)
+    {
+        if (local.Shape.Count < 2 || local.Shape[0] != _shape.Batch || local.Shape[1] != LocalTokens)
+            throw new ArgumentException($"{name} is {local} but a local shard is [B={_shape.Batch}, Nloc={LocalTokens}, …].", name);
+        long width = 1;
+        for (int i = 2; i < local.Shape.Count; i++) width *= local.Shape[i];
+        return width;
+    }
+
+    private void Copy(DeviceTensor source, DeviceTensor destination) =>
+        _clock.Compute(() => _backend.CopySlice(source, 0, destination, 0, LocalTokens, 1));
+
+    private DeviceTensor Like(DeviceTensor t) => _backend.Allocate([.. t.Shape]);
+
+    private static void CopyOut(DeviceTensor source, Span<float> destination, bool accumulate)
+    {
+        if (!accumulate)
+        {
+            source.CopyToHost(destination);
+            return;
+        }
+        var piece = new float[Math.Min(destination.Length, 1 << 20)];
+        for (int done = 0; done < destination.Length; done += piece.Length)
+        {
+            var part = piece.AsSpan(0, Math.Min(piece.Length, destination.Length - done));
+            source.CopyToHost(part, done);
+            var target = destination.Slice(done, part.Length);
+            for (int i = 0; i < part.Length; i++) target[i] += part[i];
+        }
+    }
+
+    /// <summary>Every rank's token ranges (one small all-gather the first time; exact for any N).</summary>
+    private IReadOnlyList<(int Start, int Count)>[] AllRanges()
+    {
+        if (_allRanges is not null) return _allRanges;
+        int p = _comm.Size;
+        var count = new float[p];
+        _comm.AllGather([LocalTokenRanges.Count], count);
+        var counts = count.Select(c => 4 * (int)c).ToArray();
+        // Each int as two exact 16-bit halves.
+        var mine = LocalTokenRanges.SelectMany(r => new float[] { r.Start >> 16, r.Start & 0xFFFF, r.Count >> 16, r.Count & 0xFFFF }).ToArray();
+        var all = new float[counts.Sum()];
+        _comm.AllGatherVariable(mine, all, counts);
+        var result = new IReadOnlyList<(int Start, int Count)>[p];
+        int at = 0;
+        for (int r = 0; r < p; r++)
+        {
+            var list = new List<(int, int)>();
+            for (int i = 0; i < counts[r]; i += 4, at += 4)
+                list.Add((((int)all[at] << 16) | (int)all[at + 1], ((int)all[at + 2] << 16) | (int)all[at + 3]));
+            result[r] = list;
+        }
+        return _allRanges = result;
+    }
+
+    private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
+}
+
+/// <summary>One pooled instance of the scheme (its saved tensors) and, for copying contexts, its input copies.</summary>
+internal sealed class SchemeSlot(IScheme scheme) : IDisposable
+{
+    private DeviceTensor[]? _copies;
+
+    public IScheme Scheme { get; } = scheme;
+
+    public bool Busy { get; set; }
+
+    /// <summary>q, k, v, o copies <c>[B,Nloc,…]</c>, made the first time and reused.</summary>
+    public DeviceTensor[] Copies(IKernelBackend backend, AttentionShape s, int n) => _copies ??=
+    [
+        backend.Allocate(s.Batch, n, s.Heads, s.HeadDim), backend.Allocate(s.Batch, n, s.KvHeads, s.HeadDim),
+        backend.Allocate(s.Batch, n, s.KvHeads, s.ValueDim), backend.Allocate(s.Batch, n, s.Heads, s.ValueDim),
+    ];
+
+    public void Dispose()
+    {
+        Scheme.Dispose();
+        foreach (var t in _copies ?? []) t.Dispose();
     }
 }
 

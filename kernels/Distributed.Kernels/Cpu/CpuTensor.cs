@@ -5,7 +5,7 @@ namespace Distributed.Kernels.Cpu;
 /// count is limited only by memory, never by 2^31, and kernels address it by pointer. Freed by
 /// <see cref="DeviceTensor.Dispose()"/>, or by the finalizer of its buffer if the tensor is forgotten.
 /// </summary>
-public sealed unsafe class CpuTensor : DeviceTensor
+public sealed unsafe partial class CpuTensor : DeviceTensor
 {
     private readonly NativeBuffer? _buffer;   // null for a view, which owns nothing
 
@@ -17,6 +17,15 @@ public sealed unsafe class CpuTensor : DeviceTensor
 
     /// <summary>A view of <paramref name="shape"/> over memory another tensor owns.</summary>
     internal CpuTensor(int[] shape, float* pointer) : base(shape) => Pointer = pointer;
+
+    /// <summary>A tensor over memory that <paramref name="owner"/> keeps valid (pinned) until this tensor is disposed.</summary>
+    internal CpuTensor(int[] shape, float* pointer, IDisposable owner) : base(shape)
+    {
+        Pointer = pointer;
+        _owner = owner;
+    }
+
+    private readonly IDisposable? _owner;     // a pin on wrapped host memory, released on dispose
 
     /// <summary>The first element; valid until the tensor is disposed.</summary>
     internal float* Pointer { get; }
@@ -51,7 +60,11 @@ public sealed unsafe class CpuTensor : DeviceTensor
     /// <inheritdoc/>
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _buffer?.Dispose();
+        if (disposing)
+        {
+            _buffer?.Dispose();
+            _owner?.Dispose();
+        }
         base.Dispose(disposing);
     }
 

@@ -16,8 +16,8 @@ internal static class RunCommand
         var ranks = new Option<int>("--ranks") { Description = "In-process ranks (threads) when not launched by mpiexec.", DefaultValueFactory = _ => 4 };
         var attention = new Option<string?>("--attention") { Description = "softmax or lightning. With neither --attention nor --scheme, runs the representative verified job (lightning LASP-2 with decay, then causal softmax all-gather; forward, backward, --check)." };
         attention.AcceptOnlyFromAmong("softmax", "lightning");
-        var scheme = new Option<string?>("--scheme") { Description = "lasp2 (lightning), allgather, partial, ring (softmax), ulysses, hybrid (both). Default: lasp2 for lightning, allgather for softmax." };
-        scheme.AcceptOnlyFromAmong("lasp2", "allgather", "partial", "ring", "ulysses", "hybrid");
+        var scheme = new Option<string?>("--scheme") { Description = $"{SchemeNames()}. Default: lasp2 for lightning, allgather for softmax." };
+        scheme.AcceptOnlyFromAmong([.. SchemeRegistry.All.Select(x => x.Name)]);
         var batch = new Option<int?>("--batch") { Description = "Batch size B (default 1; taken from --q when given)." };
         var seq = new Option<int?>("--seq") { Description = $"Global sequence length N in tokens (default: {DefaultSeqLen}, or {RepresentativeSoftmaxSeqLen} and {RepresentativeLightningSeqLen} in the representative job; taken from --q when given)." };
         var heads = new Option<int?>("--heads") { Description = "Query heads H (default 8; taken from --q when given)." };
@@ -30,8 +30,9 @@ internal static class RunCommand
         var layout = new Option<string?>("--layout") { Description = "contiguous or zigzag token sharding. Default: the scheme's best (zigzag for causal)." };
         layout.AcceptOnlyFromAmong("contiguous", "zigzag");
         var ulyssesDegree = new Option<int>("--ulysses-degree") { Description = "Hybrid: ranks per head group Ph (P = Ph × Ps). Default: the largest divisor of P that divides H." };
-        var hybridScheme = new Option<string>("--hybrid-scheme") { Description = "Hybrid softmax: the sequence scheme across head groups (allgather, ring, partial).", DefaultValueFactory = _ => "allgather" };
-        hybridScheme.AcceptOnlyFromAmong("allgather", "ring", "partial");
+        var hybridSchemes = SchemeRegistry.All.Where(x => x.HybridSequenceScheme).Select(x => x.Name).ToArray();
+        var hybridScheme = new Option<string>("--hybrid-scheme") { Description = $"Hybrid softmax: the sequence scheme across head groups ({string.Join(", ", hybridSchemes)}).", DefaultValueFactory = _ => "allgather" };
+        hybridScheme.AcceptOnlyFromAmong(hybridSchemes);
         var backward = new Option<bool>("--backward") { Description = "Also run the backward pass (dQ, dK, dV)." };
         var backend = new Option<string>("--backend") { Description = $"Kernel backend: {string.Join(", ", KernelBackends.Names)}. auto = CUDA when present, else the vectorized CPU backend.", DefaultValueFactory = _ => "auto" };
         backend.AcceptOnlyFromAmong([.. KernelBackends.Names]);
@@ -78,7 +79,7 @@ internal static class RunCommand
                 jobs = [new JobSpec(AttentionKind.Lightning, ParallelScheme.Lasp2, isCausal, decaySpec), new JobSpec(AttentionKind.Softmax, ParallelScheme.AllGather, isCausal, decaySpec)];
             else
             {
-                var kind = att == "lightning" || (att is null && sch == "lasp2") ? AttentionKind.Lightning : AttentionKind.Softmax;
+                var kind = att == "lightning" || (att is null && sch is not null && SchemeRegistry.Describe(ParseScheme(sch)).Kinds is [AttentionKind.Lightning]) ? AttentionKind.Lightning : AttentionKind.Softmax;
                 var chosen = sch is null ? (kind == AttentionKind.Lightning ? ParallelScheme.Lasp2 : ParallelScheme.AllGather) : ParseScheme(sch);
                 jobs = [new JobSpec(kind, chosen, isCausal, decaySpec)];
             }
@@ -127,14 +128,9 @@ internal static class RunCommand
     /// <summary>The representative job's lengths: long enough to show the schemes, short enough for half a minute on 2 cores.</summary>
     internal const int RepresentativeLightningSeqLen = 65536, RepresentativeSoftmaxSeqLen = 8192;
 
-    private static ParallelScheme ParseScheme(string name) => name switch
-    {
-        "lasp2" => ParallelScheme.Lasp2,
-        "allgather" => ParallelScheme.AllGather,
-        "partial" => ParallelScheme.Partial,
-        "ring" => ParallelScheme.Ring,
-        "ulysses" => ParallelScheme.Ulysses,
-        "hybrid" => ParallelScheme.Hybrid,
-        _ => throw new ArgumentException($"Unknown scheme '{name}'.", nameof(name)),
-    };
+    private static ParallelScheme ParseScheme(string name) => SchemeRegistry.Parse(name);
+
+    /// <summary>The schemes and the attention kinds each runs, for the help text.</summary>
+    internal static string SchemeNames() => string.Join(", ", SchemeRegistry.All.Select(x =>
+        $"{x.Name} ({(x.Kinds.Count > 1 ? "both" : x.Kinds[0].ToString().ToLowerInvariant())})"));
 }

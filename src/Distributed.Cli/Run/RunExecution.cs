@@ -135,7 +135,7 @@ internal static class RunExecution
     private static string OptionOf(string tensor) => tensor switch { "O" => "--out", "LSE" => "--lse", _ => "--grads" };
 
     internal static string Describe(JobSpec job, AttentionShape s) =>
-        $"{job.Attention.ToString().ToLowerInvariant()} / {job.Scheme.ToString().ToLowerInvariant()} ({(job.Causal ? "causal" : "non-causal")}{(job.Attention == AttentionKind.Lightning ? $", decay {job.DecaySpec}" : "")}) " +
+        $"{job.Attention.ToString().ToLowerInvariant()} / {SchemeRegistry.Describe(job.Scheme).Name} ({(job.Causal ? "causal" : "non-causal")}{(job.Attention == AttentionKind.Lightning ? $", decay {job.DecaySpec}" : "")}) " +
         $"B={s.Batch} N={s.SeqLen} H={s.Heads} Hk={s.KvHeads} D={s.HeadDim} Dv={s.ValueDim}";
 
     private static int RunRank(ICommunicator comm, RunSettings s, List<(JobSpec Spec, AttentionShape Shape)> jobs, int localRank,

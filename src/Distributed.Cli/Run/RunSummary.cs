@@ -39,7 +39,7 @@ internal static class RunSummary
         var doc = results.Select(r => new
         {
             attention = r.Spec.Attention.ToString().ToLowerInvariant(),
-            scheme = r.Spec.Scheme.ToString().ToLowerInvariant(),
+            scheme = SchemeRegistry.Describe(r.Spec.Scheme).Name,
             causal = r.Spec.Causal,
             decay = r.Spec.DecaySpec,
             layout = r.Layout,

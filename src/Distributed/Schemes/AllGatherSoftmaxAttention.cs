@@ -217,3 +217,26 @@ internal sealed class AllGatherSoftmaxAttention : IScheme
         _local.Dispose();
     }
 }
+
+/// <summary>Registration of <see cref="AllGatherSoftmaxAttention"/>.</summary>
+internal sealed class AllGatherSoftmaxDescriptor : SchemeDescriptor
+{
+    public override string CliName => "allgather";
+    public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Softmax];
+    public override string Summary => "all-gather K and V (LASP-2H, Llama-3 context parallel); backward reduce-scatters dK, dV";
+    public override bool HybridSequenceScheme => true;
+    public override ShardLayout DefaultLayout(SequenceParallelOptions options) => options.Causal ? ShardLayout.Zigzag : ShardLayout.Contiguous;
+    public override IScheme Create(SchemeSetup s) => new AllGatherSoftmaxAttention(s.Communicator, s.Backend, s.Shape, s.Options, s.Layout, s.Clock);
+
+    public override MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout)
+    {
+        var z = new EstimateSizes(shape, ranks, layout);
+        long b = z.B, n = z.N, h = z.H, t = z.T, kRow = z.KRow, vRow = z.VRow, qRow = z.QRow, oRow = z.ORow;
+        // One rank uses its own K, V, dK and dV as the whole sequence's and stages nothing.
+        long scheme = (ranks > 1 ? 2 * b * n * (kRow + vRow) : 0) + 2 * b * h * t + (z.CopiedParts ? b * t * (2 * qRow + 2 * oRow) : 0);
+        long gathered = Math.Min(b * n * (kRow + vRow), HostBuffer.PieceFloats) + b * ranks * (kRow + vRow);
+        long staging = ranks > 1 ? gathered + gathered / ranks + b * (kRow + vRow) : 0;
+        long largest = Math.Max(b * t * Math.Max(kRow + vRow, Math.Max(qRow, oRow)), gathered);
+        return new MemoryEstimate(z.Caller, scheme, staging, largest);
+    }
+}

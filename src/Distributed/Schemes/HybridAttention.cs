@@ -12,6 +12,16 @@ namespace Distributed.Schemes;
 /// </summary>
 internal sealed class HybridAttention : IScheme
 {
+    /// <summary>The two communicator splits of one layer (disposed with the layer's shared resources).</summary>
+    private sealed record SplitPair(ICommunicator Group, ICommunicator Sequence) : IDisposable
+    {
+        public void Dispose()
+        {
+            Group.Dispose();
+            Sequence.Dispose();
+        }
+    }
+
     private readonly ICommunicator _comm, _groupComm, _sequenceComm;
     private readonly IScheme _inner;
     private readonly HeadShuffle _shuffle;
@@ -21,40 +31,36 @@ internal sealed class HybridAttention : IScheme
     private readonly IKernelBackend _backend;
     private readonly DeviceTensor _q, _k, _v, _o, _dO, _dQ, _dK, _dV;
 
-    public HybridAttention(ICommunicator comm, IKernelBackend backend, AttentionShape shape, SequenceParallelOptions options, ShardLayout layout, PhaseClock clock)
+    /// <summary>The sequence scheme across head groups: LASP-2 for lightning, the chosen one for softmax.</summary>
+    internal static ParallelScheme SequenceScheme(SequenceParallelOptions options) =>
+        options.Attention == AttentionKind.Lightning ? ParallelScheme.Lasp2 : options.HybridSequenceScheme;
+
+    public HybridAttention(SchemeSetup setup)
     {
+        var (comm, backend, shape, options, layout, clock) = (setup.Communicator, setup.Backend, setup.Shape, setup.Options, setup.Layout, setup.Clock);
         int p = comm.Size;
         int ph = options.UlyssesDegree > 0 ? options.UlyssesDegree : Enumerable.Range(1, p).Where(d => p % d == 0 && shape.Heads % d == 0).Max();
         if (p % ph != 0 || shape.Heads % ph != 0)
             throw new ArgumentException($"The Ulysses degree Ph = {ph} must divide both P = {p} and H = {shape.Heads}; valid choices: {string.Join(", ", Enumerable.Range(1, p).Where(d => p % d == 0 && shape.Heads % d == 0))}.", nameof(options));
-        int ps = p / ph;
         _s = shape;
         _comm = comm;
         _backend = backend;
         // Ranks g·Ph … g·Ph+Ph−1 form head group g; ranks with the same index inside their group share heads.
-        _groupComm = comm.Split(comm.Rank / ph, comm.Rank % ph);
-        _sequenceComm = comm.Split(comm.Rank % ph, comm.Rank / ph);
+        // The splits are collective, so they are made once per layer and shared by every saved context.
+        (_groupComm, _sequenceComm) = setup.Shared.Get("hybrid.splits", () => new SplitPair(comm.Split(comm.Rank / ph, comm.Rank % ph), comm.Split(comm.Rank % ph, comm.Rank / ph)));
         _hl = shape.Heads / ph;
         _expand = shape.KvHeads % ph != 0;
         _kvl = _expand ? _hl : shape.KvHeads / ph;
         int slice = _groupComm.Rank;
         var innerShape = shape with { Heads = _hl, KvHeads = _kvl };
-        var innerScheme = options.Attention == AttentionKind.Lightning ? ParallelScheme.Lasp2 : options.HybridSequenceScheme;
-        if (innerScheme is ParallelScheme.Ulysses or ParallelScheme.Hybrid or ParallelScheme.Lasp2 && options.Attention == AttentionKind.Softmax)
-            throw new ArgumentException($"The hybrid's sequence scheme must be AllGather, Ring or Partial for softmax (got {innerScheme}).", nameof(options));
+        var innerScheme = SequenceScheme(options);
         var innerOptions = options with
         {
             Scheme = innerScheme,
             Decay = options.Decay?.Skip(slice * _hl).Take(_hl).ToArray(),
             Layout = layout,
         };
-        _inner = innerScheme switch
-        {
-            ParallelScheme.Lasp2 => new LaspLinearAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
-            ParallelScheme.AllGather => new AllGatherSoftmaxAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
-            ParallelScheme.Ring => new RingSoftmaxAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
-            _ => new PartialSoftmaxAttention(_sequenceComm, backend, innerShape, innerOptions, layout, clock),
-        };
+        _inner = SchemeRegistry.Get(innerScheme).Create(setup with { Communicator = _sequenceComm, Shape = innerShape, Options = innerOptions });
         // The group's tokens (in the sequence scheme's local order) are split contiguously over its Ph ranks.
         var groupRanges = _inner.Ranges;
         int groupTokens = groupRanges.Sum(r => r.Count);
@@ -145,7 +151,42 @@ internal sealed class HybridAttention : IScheme
     {
         foreach (var t in new[] { _q, _k, _v, _o, _dO, _dQ, _dK, _dV }) t.Dispose();
         _inner.Dispose();
-        _groupComm.Dispose();
-        _sequenceComm.Dispose();
+    }
+}
+
+/// <summary>Registration of <see cref="HybridAttention"/>.</summary>
+internal sealed class HybridDescriptor : SchemeDescriptor
+{
+    public override string CliName => "hybrid";
+    public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Softmax, AttentionKind.Lightning];
+    public override string Summary => "2-D: Ulysses inside head groups, a sequence scheme across them";
+
+    public override ShardLayout DefaultLayout(SequenceParallelOptions options) =>
+        SchemeRegistry.Get(HybridAttention.SequenceScheme(options)).DefaultLayout(options);
+
+    public override void Validate(AttentionShape shape, SequenceParallelOptions options, int ranks)
+    {
+        if (options.Attention == AttentionKind.Softmax && !SchemeRegistry.Get(options.HybridSequenceScheme).HybridSequenceScheme)
+            throw new ArgumentException($"The hybrid's sequence scheme must be one of {string.Join(", ", SchemeRegistry.All.Where(s => s.HybridSequenceScheme).Select(s => s.Scheme))} for softmax (got {options.HybridSequenceScheme}); set HybridSequenceScheme (--hybrid-scheme).", nameof(options));
+    }
+
+    public override IScheme Create(SchemeSetup s) => new HybridAttention(s);
+
+    public override MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout)
+    {
+        // The head group's tensors, its shuffle, and the sequence scheme on them.
+        var z = new EstimateSizes(shape, ranks, layout);
+        int p = ranks;
+        int ph = options.UlyssesDegree > 0 ? options.UlyssesDegree : Enumerable.Range(1, p).Where(x => p % x == 0 && shape.Heads % x == 0).DefaultIfEmpty(1).Max();
+        if (p % ph != 0 || shape.Heads % ph != 0) ph = 1;
+        int ps = p / ph;
+        int hl = shape.Heads / ph, kvl = shape.KvHeads % ph != 0 ? hl : shape.KvHeads / ph;
+        var innerOptions = options with { Scheme = HybridAttention.SequenceScheme(options) };
+        var inner = MemoryEstimate.For(shape with { Heads = hl, KvHeads = kvl }, innerOptions, ps, layout);
+        long groupT = (z.N + ps - 1) / ps + 1;
+        long block = z.B * ((groupT + ph - 1) / ph) * (hl * z.D + kvl * z.D + kvl * z.Dv);
+        long scheme = inner.CallerFloats + inner.SchemeFloats;
+        long staging = inner.StagingFloats + 2 * block * ph + z.B * z.T * Math.Max(z.QRow, z.ORow);
+        return new MemoryEstimate(z.Caller, scheme, staging, Math.Max(inner.LargestSingleFloats, block * ph));
     }
 }

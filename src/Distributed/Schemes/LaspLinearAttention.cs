@@ -200,3 +200,22 @@ internal sealed class LaspLinearAttention : IScheme
         _local.Dispose();
     }
 }
+
+/// <summary>Registration of <see cref="LaspLinearAttention"/>.</summary>
+internal sealed class Lasp2Descriptor : SchemeDescriptor
+{
+    public override string CliName => "lasp2";
+    public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Lightning];
+    public override string Summary => "LASP-2: one all-gather of [B,H,D,Dv] chunk states per pass";
+    public override ShardLayout DefaultLayout(SequenceParallelOptions options) => options.Causal ? ShardLayout.Zigzag : ShardLayout.Contiguous;
+    public override IScheme Create(SchemeSetup s) => new LaspLinearAttention(s.Communicator, s.Backend, s.Shape, s.Options, s.Layout, s.Clock);
+
+    public override MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout)
+    {
+        var z = new EstimateSizes(shape, ranks, layout);
+        long state = z.B * z.H * z.D * z.Dv, perRank = z.Chunks / ranks;
+        long scheme = 2 * perRank * state + (z.CopiedParts ? z.B * z.T * 2 * (z.QRow + z.KRow + z.VRow + z.ORow) : 0);
+        long staging = perRank * state * (1 + ranks) + z.Chunks * state + 2 * perRank * state;
+        return new MemoryEstimate(z.Caller, scheme, staging, ranks * perRank * state);
+    }
+}

@@ -229,3 +229,26 @@ internal sealed class PartialSoftmaxAttention : IScheme
         _local.Dispose();
     }
 }
+
+/// <summary>Registration of <see cref="PartialSoftmaxAttention"/>.</summary>
+internal sealed class PartialSoftmaxDescriptor : SchemeDescriptor
+{
+    public override string CliName => "partial";
+    public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Softmax];
+    public override string Summary => "partial softmax states: KV stays sharded, Q and the (O, LSE) partials move";
+    public override bool HybridSequenceScheme => true;
+    public override ShardLayout DefaultLayout(SequenceParallelOptions options) => ShardLayout.Contiguous;
+    public override IScheme Create(SchemeSetup s) => new PartialSoftmaxAttention(s.Communicator, s.Backend, s.Shape, s.Options, s.Layout, s.Clock);
+
+    public override MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout)
+    {
+        var z = new EstimateSizes(shape, ranks, layout);
+        long b = z.B, n = z.N, h = z.H, t = z.T, kRow = z.KRow, vRow = z.VRow, qRow = z.QRow, oRow = z.ORow;
+        long scheme = b * n * (2 * qRow + 3 * oRow) + 4 * b * h * n + b * t * 2 * oRow + 3 * b * h * t
+            + (z.CopiedParts ? b * t * 2 * (kRow + vRow) : 0);
+        long block = b * t * (oRow + h);
+        long staging = b * t * (oRow + 2 * h) + b * n * Math.Max(qRow, oRow + 2 * h) + Math.Max(2 * block * ranks, b * t * qRow * (ranks + 1));
+        long largest = Math.Max(b * n * Math.Max(qRow + 2 * h, oRow + 2 * h), 2 * block * ranks);
+        return new MemoryEstimate(z.Caller, scheme, staging, largest);
+    }
+}

@@ -282,3 +282,28 @@ internal sealed class RingSoftmaxAttention : IScheme
         _local.Dispose();
     }
 }
+
+/// <summary>Registration of <see cref="RingSoftmaxAttention"/>.</summary>
+internal sealed class RingSoftmaxDescriptor : SchemeDescriptor
+{
+    public override string CliName => "ring";
+    public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Softmax];
+    public override string Summary => "ring attention: K/V blocks travel around the ring while the current block computes";
+    public override bool HybridSequenceScheme => true;
+    public override ShardLayout DefaultLayout(SequenceParallelOptions options) => options.Causal ? ShardLayout.Zigzag : ShardLayout.Contiguous;
+    public override IScheme Create(SchemeSetup s) => new RingSoftmaxAttention(s.Communicator, s.Backend, s.Shape, s.Options, s.Layout, s.Clock);
+
+    public override MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout)
+    {
+        var z = new EstimateSizes(shape, ranks, layout);
+        long b = z.B, n = z.N, h = z.H, t = z.T, kRow = z.KRow, vRow = z.VRow, qRow = z.QRow, oRow = z.ORow;
+        // The block on the device (K, V, dK, dV; one per distinct shard length), plus copies of its
+        // zigzag ranges where they cannot be views.
+        long blocks = n % z.Chunks == 0 ? 1 : 2;
+        long scheme = 3 * b * h * t + b * t * oRow + blocks * b * t * 2 * (kRow + vRow)
+            + (z.CopiedParts ? b * t * (2 * qRow + 2 * oRow + 2 * (kRow + vRow)) : 0);
+        long staging = 2 * b * t * 2 * (kRow + vRow);
+        long largest = b * t * 2 * (kRow + vRow);
+        return new MemoryEstimate(z.Caller, scheme, staging, largest);
+    }
+}

@@ -110,3 +110,25 @@ internal sealed class UlyssesAttention : IScheme
         foreach (var t in new[] { _q, _k, _v, _o, _lse, _drow, _dO, _dQ, _dK, _dV }) t.Dispose();
     }
 }
+
+/// <summary>Registration of <see cref="UlyssesAttention"/>.</summary>
+internal sealed class UlyssesDescriptor : SchemeDescriptor
+{
+    public override string CliName => "ulysses";
+    public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Softmax, AttentionKind.Lightning];
+    public override string Summary => "Ulysses: all-to-all from sequence shards to head shards and back";
+    public override ShardLayout DefaultLayout(SequenceParallelOptions options) => ShardLayout.Contiguous;
+    public override IScheme Create(SchemeSetup s) => new UlyssesAttention(s.Communicator, s.Backend, s.Shape, s.Options, s.Layout, s.Clock);
+
+    public override MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout)
+    {
+        var z = new EstimateSizes(shape, ranks, layout);
+        long b = z.B, n = z.N, h = z.H, hk = z.Hk, d = z.D, dv = z.Dv, t = z.T;
+        long hl = h / ranks, kvl = (hk % ranks == 0 ? hk : h) / ranks;
+        long scheme = b * n * (2 * hl * d + 2 * kvl * d + 2 * kvl * dv + 2 * hl * dv) + 2 * b * hl * n;
+        long block = b * t * (hl * d + kvl * d + kvl * dv);
+        long staging = 2 * block * ranks + b * t * Math.Max(z.QRow, Math.Max(z.ORow, Math.Max(z.KRow, z.VRow)));
+        long largest = Math.Max(block * ranks, b * n * Math.Max(hl * Math.Max(d, dv), kvl * Math.Max(d, dv)));
+        return new MemoryEstimate(z.Caller, scheme, staging, largest);
+    }
+}
