@@ -69,7 +69,7 @@ public static class MpiLauncher
         string.Join(' ', new[] { file }.Concat(args).Select(a => a.Length == 0 || a.Any(char.IsWhiteSpace) || a.Contains('"', StringComparison.Ordinal) ? $"\"{a.Replace("\"", "\\\"", StringComparison.Ordinal)}\"" : a));
 
     /// <summary>
-    /// <see cref="Run"/> on a worker thread, for callers that keep working (or run several jobs) meanwhile.
+    /// <see cref="Run(string, IEnumerable{string}, TimeSpan, Action{string}?, IReadOnlyDictionary{string, string?}?, CancellationToken)"/> on a worker thread, for callers that keep working (or run several jobs) meanwhile.
     /// </summary>
     /// <param name="file">Program to start.</param>
     /// <param name="args">Its arguments (passed without a shell).</param>

@@ -127,6 +127,7 @@ public sealed class SequenceParallelAttention : IDisposable
     private readonly SharedResources _shared = new();
     private readonly List<SchemeSlot> _slots = [];
     private AttentionContext? _implicit;
+    private (SchemeSlot Slot, long Forward)? _lse;   // the last convenience forward, for CopyLse
     private DeviceTensor[]? _accumulateScratch;   // dQ, dK, dV for accumulating backward passes
     private DeviceTensor[]? _hostScratch;         // dO, dQ, dK, dV for the span overloads
     private IReadOnlyList<(int Start, int Count)>[]? _allRanges;
@@ -197,6 +198,7 @@ public sealed class SequenceParallelAttention : IDisposable
     {
         ReleaseImplicit();
         _implicit = Forward(q, k, v, o, SavedInputs.Reference);
+        _lse = (_implicit.Slot, _implicit.Slot.Forwards);
     }
 
     /// <summary>
@@ -223,11 +225,11 @@ public sealed class SequenceParallelAttention : IDisposable
                 Copy(q, c[0]);
                 Copy(k, c[1]);
                 Copy(v, c[2]);
-                slot.Scheme.Forward(c[0], c[1], c[2], c[3]);
+                slot.Forward(c[0], c[1], c[2], c[3]);
                 Copy(c[3], o);
                 return new AttentionContext(this, slot, saved, null);
             }
-            slot.Scheme.Forward(q, k, v, o);
+            slot.Forward(q, k, v, o);
             (string Name, DeviceTensor Tensor)[] inputs = [("q", q), ("k", k), ("v", v), ("o", o)];
             var sums = inputs.Select(t => (t.Name, t.Tensor, TensorChecksum.Of(t.Tensor))).ToArray();
             return new AttentionContext(this, slot, saved, sums);
@@ -261,7 +263,7 @@ public sealed class SequenceParallelAttention : IDisposable
             c[0].CopyFromHost(q);
             c[1].CopyFromHost(k);
             c[2].CopyFromHost(v);
-            slot.Scheme.Forward(c[0], c[1], c[2], c[3]);
+            slot.Forward(c[0], c[1], c[2], c[3]);
             c[3].CopyToHost(o);
             return new AttentionContext(this, slot, SavedInputs.Copy, null);
         }
@@ -350,16 +352,20 @@ public sealed class SequenceParallelAttention : IDisposable
     /// <summary>
     /// Softmax attention: copies the log-sum-exp of the last <see cref="Forward(DeviceTensor, DeviceTensor, DeviceTensor, DeviceTensor)"/>
     /// for this rank's query rows, <c>[B, H, Nloc]</c> in local token order (natural log, of the scaled scores),
-    /// into <paramref name="lse"/>. Collective (Ulysses brings it back from head shards with one all-to-all).
+    /// into <paramref name="lse"/>, before or after its Backward, until another Forward runs. Collective
+    /// (Ulysses brings it back from head shards with one all-to-all).
     /// </summary>
     /// <exception cref="ArgumentException"><paramref name="lse"/> is not <c>[B, H, Nloc]</c>.</exception>
-    /// <exception cref="InvalidOperationException">No forward has run yet, or its context was consumed.</exception>
+    /// <exception cref="InvalidOperationException">No forward has run yet, or another Forward reused its buffers.</exception>
     /// <exception cref="NotSupportedException">Lightning attention (it has no LSE).</exception>
     public void CopyLse(DeviceTensor lse)
     {
+        ThrowIfDisposed();
         AttentionDims.Expect(lse, nameof(lse), _shape.Batch, _shape.Heads, LocalTokens);
-        if (_implicit is null) throw new InvalidOperationException("CopyLse reads the last forward's log-sum-exp: call Forward first, and call CopyLse before Backward (which consumes the forward).");
-        CopyLse(_implicit, lse);
+        if (_lse is not { } last) throw new InvalidOperationException("CopyLse reads the last forward's log-sum-exp: call Forward(q, k, v, o) first.");
+        if (last.Slot.Forwards != last.Forward)
+            throw new InvalidOperationException("Another Forward has run since the last Forward(q, k, v, o) and reused its buffers; call CopyLse right after the forward whose log-sum-exp you need, or use CopyLse(context, lse).");
+        last.Slot.Scheme.CopyLse(lse);
     }
 
     /// <summary>
@@ -687,6 +693,15 @@ internal sealed class SchemeSlot(IScheme scheme) : IDisposable
     public IScheme Scheme { get; } = scheme;
 
     public bool Busy { get; set; }
+
+    /// <summary>Forward passes run on this instance (its saved tensors are the last one's).</summary>
+    public long Forwards { get; private set; }
+
+    public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    {
+        Forwards++;
+        Scheme.Forward(q, k, v, o);
+    }
 
     /// <summary>q, k, v, o copies <c>[B,Nloc,…]</c>, made the first time and reused.</summary>
     public DeviceTensor[] Copies(IKernelBackend backend, AttentionShape s, int n) => _copies ??=

@@ -79,7 +79,7 @@ public sealed class AtomicOutputs
     }
 
     /// <summary>
-    /// Checks that every target's folder exists and is writable (see <see cref="CheckWritable"/>) and deletes the
+    /// Checks that every target's folder exists and is writable (see <see cref="CheckWritable(IReadOnlyList{string}, IReadOnlyList{string}?)"/>) and deletes the
     /// stale temporaries that other jobs left for the same targets (<c>.{name}.dsattn-*.tmp</c> with another id).
     /// Call on one rank before the temporaries are created.
     /// </summary>
