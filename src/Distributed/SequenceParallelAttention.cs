@@ -98,6 +98,12 @@ public enum SavedInputs
     /// change or reuse its tensors as soon as Forward returns.
     /// </summary>
     Copy,
+    /// <summary>
+    /// References without checksums: no copy and no extra pass over the tensors (on GPU backends the checksum
+    /// goes through host memory), for callers that guarantee q, k, v and o stay unchanged until Backward.
+    /// A change is not detected: the gradients would silently be wrong.
+    /// </summary>
+    Unchecked,
 }
 
 /// <summary>
@@ -230,6 +236,7 @@ public sealed class SequenceParallelAttention : IDisposable
                 return new AttentionContext(this, slot, saved, null);
             }
             slot.Forward(q, k, v, o);
+            if (saved == SavedInputs.Unchecked) return new AttentionContext(this, slot, saved, null);
             (string Name, DeviceTensor Tensor)[] inputs = [("q", q), ("k", k), ("v", v), ("o", o)];
             var sums = inputs.Select(t => (t.Name, t.Tensor, TensorChecksum.Of(t.Tensor))).ToArray();
             return new AttentionContext(this, slot, saved, sums);
