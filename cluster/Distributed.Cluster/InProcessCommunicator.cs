@@ -108,7 +108,8 @@ public sealed class InProcessCommunicator : ICommunicator
     public void AllGather(ReadOnlySpan<float> send, Span<float> receive)
     {
         CheckAllGather(send.Length, receive.Length);
-        var all = Exchange(nameof(AllGather), CommOp.AllGather, send, receive.Length);
+        using var round = Exchange(nameof(AllGather), CommOp.AllGather, send, receive.Length);
+        var all = round.Slots;
         Gathered(all, receive, send.Length);
     }
 
@@ -159,7 +160,8 @@ public sealed class InProcessCommunicator : ICommunicator
         }
         if (counts[Rank] != send.Length) throw new ArgumentException($"AllGatherVariable: counts[{Rank}] = {counts[Rank]} but this rank sends {send.Length} floats.", nameof(send));
         if (receive.Length != total) throw new ArgumentException($"AllGatherVariable: receive must hold Σ counts = {total} floats, got {receive.Length}.", nameof(receive));
-        var all = Exchange(nameof(AllGatherVariable), CommOp.AllGather, send, receive.Length);
+        using var round = Exchange(nameof(AllGatherVariable), CommOp.AllGather, send, receive.Length);
+        var all = round.Slots;
         int offset = 0;
         for (int r = 0; r < Size; r++)
         {
@@ -175,7 +177,8 @@ public sealed class InProcessCommunicator : ICommunicator
     {
         if (receive.Length != send.Length)
             throw new ArgumentException($"AllReduceSum: receive must have send's length {send.Length}, got {receive.Length}.", nameof(receive));
-        var all = Exchange(nameof(AllReduceSum), CommOp.AllReduce, send, receive.Length);
+        using var round = Exchange(nameof(AllReduceSum), CommOp.AllReduce, send, receive.Length);
+        var all = round.Slots;
         Summed(all, receive, send.Length);
     }
 
@@ -192,7 +195,8 @@ public sealed class InProcessCommunicator : ICommunicator
     {
         if (send.Length != (long)receive.Length * Size)
             throw new ArgumentException($"ReduceScatterSum: send must hold Size × receive.Length = {(long)receive.Length * Size} floats, got {send.Length}.", nameof(send));
-        var all = Exchange(nameof(ReduceScatterSum), CommOp.ReduceScatter, send, receive.Length);
+        using var round = Exchange(nameof(ReduceScatterSum), CommOp.ReduceScatter, send, receive.Length);
+        var all = round.Slots;
         CheckEqualLengths(all, send.Length, nameof(ReduceScatterSum));
         int n = receive.Length;
         all[0].AsSpan(Rank * n, n).CopyTo(receive);
@@ -206,7 +210,8 @@ public sealed class InProcessCommunicator : ICommunicator
             throw new ArgumentException($"AllToAll: send length {send.Length} is not a multiple of Size {Size}.", nameof(send));
         if (receive.Length != send.Length)
             throw new ArgumentException($"AllToAll: receive must have send's length {send.Length}, got {receive.Length}.", nameof(receive));
-        var all = Exchange(nameof(AllToAll), CommOp.AllToAll, send, receive.Length);
+        using var round = Exchange(nameof(AllToAll), CommOp.AllToAll, send, receive.Length);
+        var all = round.Slots;
         CheckEqualLengths(all, send.Length, nameof(AllToAll));
         int block = send.Length / Size;
         for (int s = 0; s < Size; s++) all[s].AsSpan(Rank * block, block).CopyTo(receive.Slice(s * block, block));
@@ -220,9 +225,10 @@ public sealed class InProcessCommunicator : ICommunicator
         Enter(nameof(SendRecv), CommOp.SendRecv, send.Length, receive.Length);
         try
         {
-            _group.Post(Rank, destination, send.ToArray());
+            _group.Post(Rank, destination, send);
             var message = _group.Take(source, Rank);
-            CopyMessage(message, receive, source);
+            try { CopyMessage(message, receive, source); }
+            finally { _group.Return(message); }
         }
         finally { CurrentOperation = null; }
     }
@@ -235,12 +241,15 @@ public sealed class InProcessCommunicator : ICommunicator
         Enter(nameof(StartSendRecv), CommOp.SendRecv, send.Length, receive.Length);
         CurrentOperation = null;
         // The send is buffered at once (a copy in the mailbox), so it never waits for the receiver.
-        _group.Post(Rank, destination, send.ToArray());
+        _group.Post(Rank, destination, send.Span);
         return new InProcessRequest(this, receive, source);
     }
 
     /// <inheritdoc/>
-    public void Barrier() => Exchange(nameof(Barrier), CommOp.Barrier, ReadOnlySpan<float>.Empty, 0);
+    public void Barrier()
+    {
+        using var round = Exchange(nameof(Barrier), CommOp.Barrier, ReadOnlySpan<float>.Empty, 0);
+    }
 
     /// <inheritdoc/>
     public ICommunicator Split(int color, int key)
@@ -248,7 +257,8 @@ public sealed class InProcessCommunicator : ICommunicator
         if (color < 0) throw new ArgumentOutOfRangeException(nameof(color), color, "Split: color must be ≥ 0 (MPI reserves negative colors).");
         // The ints travel as their bit patterns: a float holds only 24 bits exactly, and colors or keys
         // beyond 2^24 must not merge.
-        var all = Exchange(nameof(Split), CommOp.Split, [BitConverter.Int32BitsToSingle(color), BitConverter.Int32BitsToSingle(key)], 0);
+        using var round = Exchange(nameof(Split), CommOp.Split, [BitConverter.Int32BitsToSingle(color), BitConverter.Int32BitsToSingle(key)], 0);
+        var all = round.Slots;
         int splitIndex = _splits++;
         var members = Enumerable.Range(0, Size).Where(r => BitConverter.SingleToInt32Bits(all[r][0]) == color)
             .OrderBy(r => BitConverter.SingleToInt32Bits(all[r][1])).ThenBy(r => r).ToList();
@@ -259,14 +269,24 @@ public sealed class InProcessCommunicator : ICommunicator
     /// <inheritdoc/>
     public void Dispose() { }
 
-    private float[][] Exchange(string name, CommOp op, ReadOnlySpan<float> send, long receiveLength)
+    /// <summary>One collective round: everybody's contributions, given back to the group's pool on dispose.</summary>
+    private RoundLease Exchange(string name, CommOp op, ReadOnlySpan<float> send, long receiveLength)
     {
         Enter(name, op, send.Length, receiveLength);
         try
         {
-            return _group.Collect(Rank, _group.Deposit(Rank, send.ToArray()));
+            long round = _group.Deposit(Rank, send);
+            return new RoundLease(_group, Rank, round, _group.Collect(Rank, round));
         }
         finally { CurrentOperation = null; }
+    }
+
+    /// <summary>A collected round; disposing it tells the group this rank has read it.</summary>
+    private readonly struct RoundLease(InProcessGroup group, int rank, long round, float[][] slots) : IDisposable
+    {
+        public float[][] Slots { get; } = slots;
+
+        public void Dispose() => group.Read(rank, round);
     }
 
     /// <summary>Deposits this rank's contribution now; the request collects everybody's at Wait.</summary>
@@ -275,7 +295,7 @@ public sealed class InProcessCommunicator : ICommunicator
         Enter(name, op, send.Length, receiveLength);
         try
         {
-            return new InProcessCollectiveRequest(this, $"{name}.Wait #{CollectiveSequence}", _group.Deposit(Rank, send.ToArray()), finish);
+            return new InProcessCollectiveRequest(this, $"{name}.Wait #{CollectiveSequence}", _group.Deposit(Rank, send), finish);
         }
         finally { CurrentOperation = null; }
     }
@@ -283,6 +303,8 @@ public sealed class InProcessCommunicator : ICommunicator
     internal void WaitingIn(string? what) => CurrentOperation = what;
 
     internal float[][] Collect(long round) => _group.Collect(Rank, round);
+
+    internal void Read(long round) => _group.Read(Rank, round);
 
     private void Enter(string name, CommOp op, long sendLength, long receiveLength)
     {
@@ -337,7 +359,9 @@ public sealed class InProcessCommunicator : ICommunicator
             owner.CurrentOperation = $"StartSendRecv.Wait #{owner.CollectiveSequence}";
             try
             {
-                owner.CopyMessage(owner._group.Take(source, owner.Rank), receive.Span, source);
+                var message = owner._group.Take(source, owner.Rank);
+                try { owner.CopyMessage(message, receive.Span, source); }
+                finally { owner._group.Return(message); }
             }
             finally { owner.CurrentOperation = null; }
         }
@@ -356,7 +380,9 @@ internal sealed class InProcessCollectiveRequest(InProcessCommunicator owner, st
         owner.WaitingIn(what);
         try
         {
-            finish(owner.Collect(round));
+            var all = owner.Collect(round);
+            try { finish(all); }
+            finally { owner.Read(round); }
         }
         finally { owner.WaitingIn(null); }
     }
@@ -473,9 +499,32 @@ internal sealed class InProcessGroup
 
     public int Size { get; }
 
-    /// <summary>Deposits this rank's contribution to its next collective round and returns the round.</summary>
-    public long Deposit(int rank, float[] contribution)
+    /// <summary>
+    /// Message copies by exact length, reused: a rank's contribution or message is copied into one when sent
+    /// and given back when every receiver has read it, so steady-state steps allocate no managed memory.
+    /// </summary>
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, System.Collections.Concurrent.ConcurrentBag<float[]>> _pool = new();
+
+    private float[] Rent(ReadOnlySpan<float> data)
     {
+        if (data.Length == 0) return [];
+        var copy = _pool.TryGetValue(data.Length, out var bag) && bag.TryTake(out var reused) ? reused : new float[data.Length];
+        data.CopyTo(copy);
+        return copy;
+    }
+
+    /// <summary>Gives a message copy back to the pool (at most a few per length are kept).</summary>
+    public void Return(float[] message)
+    {
+        if (message.Length == 0) return;
+        var bag = _pool.GetOrAdd(message.Length, _ => []);
+        if (bag.Count < 4 * Size) bag.Add(message);
+    }
+
+    /// <summary>Deposits a copy of this rank's contribution to its next collective round and returns the round.</summary>
+    public long Deposit(int rank, ReadOnlySpan<float> data)
+    {
+        var contribution = Rent(data);
         lock (_lock)
         {
             long round = _deposits[rank]++;
@@ -502,9 +551,24 @@ internal sealed class InProcessGroup
                     throw new InvalidOperationException($"rank {WorldRanks[rank]}: this collective can never complete because rank {gone} has already returned; every rank must make the same collective calls in the same order.");
                 Monitor.Wait(_lock);
             }
-            if (++r.Collected == Size) _rounds.Remove(round);
             return r.Slots;
         }
+    }
+
+    /// <summary>This rank has read <paramref name="round"/>; the last reader gives its copies back to the pool.</summary>
+    public void Read(int rank, long round)
+    {
+        float[][]? done = null;
+        lock (_lock)
+        {
+            var r = _rounds[round];
+            if (++r.Collected == Size)
+            {
+                _rounds.Remove(round);
+                done = r.Slots;
+            }
+        }
+        if (done is not null) foreach (var slot in done) Return(slot);
     }
 
     private sealed class Round(int size)
@@ -514,8 +578,9 @@ internal sealed class InProcessGroup
         public int Collected { get; set; }
     }
 
-    public void Post(int from, int to, float[] message)
+    public void Post(int from, int to, ReadOnlySpan<float> data)
     {
+        var message = Rent(data);
         lock (_lock)
         {
             if (!_mail.TryGetValue((from, to), out var q)) _mail[(from, to)] = q = new Queue<float[]>();
