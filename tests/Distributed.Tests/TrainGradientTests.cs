@@ -41,10 +41,10 @@ public sealed class TrainGradientTests(ITestOutputHelper output)
             batch.Draw(s.Seed, RecallTask.TrainSplit, 1, 0);
             double Loss()
             {
-                var (sum, answers, _) = TrainRank.SumOverRanks(comm, model.Forward(batch.Tokens, batch.Targets));
+                var (sum, answers, _) = TrainRank.SumOverRanks(comm, model.Forward(batch.Tokens, batch.Bound, batch.Targets));
                 return sum / answers;
             }
-            var (_, total, _) = TrainRank.SumOverRanks(comm, model.Forward(batch.Tokens, batch.Targets));
+            var (_, total, _) = TrainRank.SumOverRanks(comm, model.Forward(batch.Tokens, batch.Bound, batch.Targets));
             model.Backward(1f / total);
             var p = model.Parameters;
             var g = (float[])p.Gradients.Clone();

@@ -93,6 +93,19 @@ public sealed partial class TrainTests(ITestOutputHelper output)
         Assert.Contains("--lr", r.Stderr, StringComparison.Ordinal);
     }
 
+    [Fact]
+    public void Training_TwoRanks_LearnsTheRecallTask()
+    {
+        // 8 values: chance is 1/8 (ln 8 = 2.08 nats once the model predicts only values); the loss starts above 4.
+        // Measured: 1.0 held-out accuracy by step 100-150 for seeds 3 and 4 (300 steps); 150 steps leave a margin.
+        var s = new TrainSettings { Steps = 150, SeqLen = 32, Layers = 2, Dim = 64, Heads = 4, Batch = 8, Pairs = 4, Queries = 16, Keys = 8, Values = 8, EvalSequences = 64, Seed = 3, LearningRate = 1e-2f };
+        var r = TrainExecution.RunInProcess(s, 2);
+        double first = r.Steps.Take(20).Average(x => x.Loss), last = r.Steps.TakeLast(20).Average(x => x.Loss);
+        output.WriteLine($"mean loss of the first 20 steps {first:F4}, of the last 20 {last:F4}; held-out accuracy {r.Accuracy:F4} on {r.HeldOutAnswers} queries; {r.TrainSeconds:F1} s");
+        Assert.True(last < 0.1 * first, $"loss {first:F4} → {last:F4}");
+        Assert.True(r.Accuracy > 0.9, $"held-out accuracy {r.Accuracy:F4} (chance 1/8)");
+    }
+
     private void AssertSameCurve(double[] expected, double[] actual)
     {
         Assert.Equal(expected.Length, actual.Length);

@@ -21,6 +21,8 @@ internal static class TrainCommand
         var batch = new Option<int>("--batch") { Description = "Sequences per step.", DefaultValueFactory = _ => d.Batch };
         var pairs = new Option<int>("--pairs") { Description = "Key-value pairs at the start of each sequence.", DefaultValueFactory = _ => d.Pairs };
         var queries = new Option<int>("--queries") { Description = "Queries per sequence (in its second half); the loss counts these positions only.", DefaultValueFactory = _ => d.Queries };
+        var keys = new Option<int>("--keys") { Description = "Distinct keys (tokens) the pairs draw from.", DefaultValueFactory = _ => d.Keys };
+        var values = new Option<int>("--values") { Description = "Distinct values (tokens); chance accuracy is 1/values.", DefaultValueFactory = _ => d.Values };
         var softmax = new Option<string>("--softmax-scheme") { Description = "How softmax layers are split: allgather, ring, partial, ulysses, hybrid.", DefaultValueFactory = _ => "allgather" };
         softmax.AcceptOnlyFromAmong("allgather", "ring", "partial", "ulysses", "hybrid");
         var lightning = new Option<string>("--lightning-scheme") { Description = "How lightning layers are split: lasp2, ulysses, hybrid.", DefaultValueFactory = _ => "lasp2" };
@@ -36,7 +38,7 @@ internal static class TrainCommand
         var progress = new Option<bool>("--progress") { Description = "With --compare-ranks: report every 50th step on standard error." };
         var command = new Command("train", "Train a small hybrid model (lightning and softmax attention layers split over ranks) on multi-query associative recall: in-process ranks by default, MPI ranks under mpiexec. Prints 'step <n> loss <value>' per step, then the held-out accuracy.")
         {
-            ranks, steps, seq, layers, dim, heads, batch, pairs, queries, softmax, lightning, layout, seed, lr, eval, plot, json, compare, progress,
+            ranks, steps, seq, layers, dim, heads, batch, pairs, queries, keys, values, softmax, lightning, layout, seed, lr, eval, plot, json, compare, progress,
         };
         command.SetAction(parse =>
         {
@@ -62,6 +64,8 @@ internal static class TrainCommand
                 Batch = parse.GetValue(batch),
                 Pairs = parse.GetValue(pairs),
                 Queries = parse.GetValue(queries),
+                Keys = parse.GetValue(keys),
+                Values = parse.GetValue(values),
                 SoftmaxScheme = ParseScheme(parse.GetValue(softmax)!),
                 LightningScheme = ParseScheme(parse.GetValue(lightning)!),
                 Layout = parse.GetValue(layout) == "contiguous" ? ShardLayout.Contiguous : ShardLayout.Zigzag,

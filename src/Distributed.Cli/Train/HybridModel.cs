@@ -26,8 +26,8 @@ internal readonly record struct LocalLoss(double LossSum, int Answers, int Corre
 
 /// <summary>
 /// A small hybrid language model, split over ranks by sequence: token embedding; L pre-norm residual layers
-/// that alternate lightning attention (with TransNormerLLM decay, its output RMS-normalised as in
-/// TransNormerLLM) and causal softmax attention, each <c>x ← x + Wo·Attn(Wq·h, Wk·h, Wv·h)</c> with
+/// that alternate lightning attention (with TransNormerLLM decay, its output RMS-normalised per head, as
+/// TransNormerLLM normalises it) and causal softmax attention, each <c>x ← x + Wo·Attn(Wq·h, Wk·h, Wv·h)</c> with
 /// <c>h = RMSNorm(x)</c>; a final RMSNorm, an output head and cross-entropy on the answer positions.
 /// Every part but attention is per token, so it runs on this rank's rows only; the attention layers are the
 /// distributed <see cref="SequenceParallelAttention"/>. Backward is written out by hand for every part and
@@ -46,7 +46,7 @@ internal sealed class HybridModel : IDisposable
     // Saved forward activations, per layer: the layer input, its normalised input, q, k, v, attention output, normalised output.
     private readonly float[][] _x, _h, _q, _k, _v, _o, _u, _invIn, _invOut;
     private readonly float[] _dx, _du, _dO, _dq, _dk, _dv, _dh;
-    private int[] _tokens = [], _answerRows = [], _answerTargets = [];
+    private int[] _tokens = [], _bound = [], _answerRows = [], _answerTargets = [];
     private readonly float[] _finalIn;
     private float[] _answerInput = [], _finalNorm = [], _finalInv = [], _logits = [];
 
@@ -111,7 +111,7 @@ internal sealed class HybridModel : IDisposable
         _o = PerLayer(n);
         _u = PerLayer(n);
         _invIn = PerLayer(_rows);
-        _invOut = PerLayer(_rows);
+        _invOut = PerLayer(_rows * config.Heads);
         _dx = new float[n];
         _du = new float[n];
         _dO = new float[n];
@@ -141,18 +141,24 @@ internal sealed class HybridModel : IDisposable
     public int LocalTokens { get; }
 
     /// <summary>
-    /// Forward over this rank's rows: tokens and targets <c>[B, Nloc]</c> (target −1: no loss there). Returns the
+    /// Forward over this rank's rows: tokens, bound tokens and targets <c>[B, Nloc]</c>. A position's input is the
+    /// sum of the embeddings of its token and of its bound token (−1: none); a target of −1 means no loss there. Returns the
     /// summed cross-entropy (natural log) over the answer rows, their count, and how many the argmax got right.
     /// Collective (the attention layers).
     /// </summary>
-    public LocalLoss Forward(int[] tokens, int[] targets)
+    public LocalLoss Forward(int[] tokens, int[] bound, int[] targets)
     {
         int d = _c.Dim, v = _c.Vocabulary;
-        if (tokens.Length != _rows || targets.Length != _rows)
-            throw new ArgumentException($"tokens and targets must hold B·Nloc = {_rows} local positions.", nameof(tokens));
+        if (tokens.Length != _rows || bound.Length != _rows || targets.Length != _rows)
+            throw new ArgumentException($"tokens, bound and targets must hold B·Nloc = {_rows} local positions.", nameof(tokens));
         _tokens = tokens;
+        _bound = bound;
         var x0 = _x[0];
-        for (int r = 0; r < _rows; r++) Parameters.Values.AsSpan(_embedding.Offset + tokens[r] * d, d).CopyTo(x0.AsSpan(r * d, d));
+        for (int r = 0; r < _rows; r++)
+        {
+            Parameters.Values.AsSpan(_embedding.Offset + tokens[r] * d, d).CopyTo(x0.AsSpan(r * d, d));
+            if (bound[r] >= 0) HostMath.Axpy(1f, Parameters.Values.AsSpan(_embedding.Offset + bound[r] * d, d), x0.AsSpan(r * d, d));
+        }
         for (int l = 0; l < _c.Layers; l++)
         {
             var w = _weights[l];
@@ -165,7 +171,7 @@ internal sealed class HybridModel : IDisposable
             float[] u = _o[l];
             if (ModelConfig.IsLightning(l))
             {
-                RmsNorm.Forward(_o[l], _rows, d, null, 0, _u[l], _invOut[l]);
+                RmsNorm.Forward(_o[l], _rows * _c.Heads, _c.HeadDim, null, 0, _u[l], _invOut[l]);
                 u = _u[l];
             }
             var next = l + 1 < _c.Layers ? _x[l + 1] : _finalIn;
@@ -239,7 +245,7 @@ internal sealed class HybridModel : IDisposable
             // x_{l+1} = x_l + u·Wo: dWo += uᵀ·dx, du = dx·Woᵀ.
             _math.AddMatMulTransposedA(lightning ? _u[l] : _o[l], _rows, d, _dx, d, g, w.Wo.Offset);
             _math.MatMulTransposedB(_dx, _rows, d, p, w.Wo.Offset, d, lightning ? _du : _dO, accumulate: false);
-            if (lightning) RmsNorm.Backward(_o[l], _rows, d, null, 0, _invOut[l], _du, _dO, false, null, 0);
+            if (lightning) RmsNorm.Backward(_o[l], _rows * _c.Heads, _c.HeadDim, null, 0, _invOut[l], _du, _dO, false, null, 0);
             _attention[l].Backward(_dO, _dq, _dk, _dv);
             _math.AddMatMulTransposedA(_h[l], _rows, d, _dq, d, g, w.Wq.Offset);
             _math.AddMatMulTransposedA(_h[l], _rows, d, _dk, d, g, w.Wk.Offset);
@@ -250,7 +256,11 @@ internal sealed class HybridModel : IDisposable
             // The residual carries dx through; the norm adds its share.
             RmsNorm.Backward(_x[l], _rows, d, p, w.Gain.Offset, _invIn[l], _dh, _dx, true, g, w.Gain.Offset);
         }
-        for (int r = 0; r < _rows; r++) HostMath.Axpy(1f, _dx.AsSpan(r * d, d), g.AsSpan(_embedding.Offset + _tokens[r] * d, d));
+        for (int r = 0; r < _rows; r++)
+        {
+            HostMath.Axpy(1f, _dx.AsSpan(r * d, d), g.AsSpan(_embedding.Offset + _tokens[r] * d, d));
+            if (_bound[r] >= 0) HostMath.Axpy(1f, _dx.AsSpan(r * d, d), g.AsSpan(_embedding.Offset + _bound[r] * d, d));
+        }
     }
 
     public void Dispose()

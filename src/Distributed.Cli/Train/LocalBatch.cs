@@ -6,20 +6,23 @@ namespace Distributed.Cli.Train;
 /// </summary>
 internal sealed class LocalBatch(RecallTask task, HybridModel model, int batch)
 {
-    private readonly int[] _tokens = new int[batch * task.SeqLen], _targets = new int[batch * task.SeqLen];
+    private readonly int[] _tokens = new int[batch * task.SeqLen], _bound = new int[batch * task.SeqLen], _targets = new int[batch * task.SeqLen];
 
     public int[] Tokens { get; } = new int[batch * model.LocalTokens];
+
+    public int[] Bound { get; } = new int[batch * model.LocalTokens];
 
     public int[] Targets { get; } = new int[batch * model.LocalTokens];
 
     public void Draw(ulong seed, ulong split, long step, int first)
     {
-        task.Generate(seed, split, step, first, batch, _tokens, _targets);
+        task.Generate(seed, split, step, first, batch, _tokens, _bound, _targets);
         int local = 0;
         for (int b = 0; b < batch; b++)
             foreach (var (start, count) in model.LocalTokenRanges)
             {
                 Array.Copy(_tokens, b * task.SeqLen + start, Tokens, local, count);
+                Array.Copy(_bound, b * task.SeqLen + start, Bound, local, count);
                 Array.Copy(_targets, b * task.SeqLen + start, Targets, local, count);
                 local += count;
             }

@@ -34,7 +34,7 @@ internal static class TrainRank
         {
             var clock = Stopwatch.StartNew();
             batch.Draw(s.Seed, RecallTask.TrainSplit, step, 0);
-            var (loss, answers, _) = SumOverRanks(comm, model.Forward(batch.Tokens, batch.Targets));
+            var (loss, answers, _) = SumOverRanks(comm, model.Forward(batch.Tokens, batch.Bound, batch.Targets));
             model.Backward(1f / answers);
             var g = model.Parameters.Gradients;
             comm.AllReduceSum(g, g);
@@ -49,7 +49,7 @@ internal static class TrainRank
         for (int first = 0; first < s.EvalSequences; first += s.Batch)
         {
             batch.Draw(s.Seed, RecallTask.HeldOutSplit, 0, first);
-            var (_, answers, right) = SumOverRanks(comm, model.Forward(batch.Tokens, batch.Targets));
+            var (_, answers, right) = SumOverRanks(comm, model.Forward(batch.Tokens, batch.Bound, batch.Targets));
             seen += answers;
             correct += right;
         }

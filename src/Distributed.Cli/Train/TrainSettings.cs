@@ -12,14 +12,14 @@ internal sealed record TrainSettings
     public int Heads { get; init; } = 4;
     public int Batch { get; init; } = 8;
     public int Pairs { get; init; } = 8;
-    public int Queries { get; init; } = 8;
+    public int Queries { get; init; } = 32;
     public int Keys { get; init; } = 32;
     public int Values { get; init; } = 32;
     public ParallelScheme SoftmaxScheme { get; init; } = ParallelScheme.AllGather;
     public ParallelScheme LightningScheme { get; init; } = ParallelScheme.Lasp2;
     public ShardLayout Layout { get; init; } = ShardLayout.Zigzag;
     public ulong Seed { get; init; } = 1234;
-    public float LearningRate { get; init; } = 3e-3f;
+    public float LearningRate { get; init; } = 1e-2f;
     /// <summary>Held-out sequences the final accuracy is measured on.</summary>
     public int EvalSequences { get; init; } = 256;
     public string? PlotPath { get; init; }
@@ -29,7 +29,7 @@ internal sealed record TrainSettings
     /// <summary>Write progress to standard error.</summary>
     public bool Progress { get; init; }
 
-    public const int DefaultSteps = 300;
+    public const int DefaultSteps = 500;
 
     public RecallTask Task => new(SeqLen, Pairs, Queries, Keys, Values);
 
