@@ -83,6 +83,30 @@ public sealed partial class TrainTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void Cli_CompareRanks_WritesPlotAndJsonWithEqualCurves()
+    {
+        string dir = Path.Combine(Path.GetTempPath(), $"dsattn-train-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(dir);
+        try
+        {
+            string png = Path.Combine(dir, "loss.png"), json = Path.Combine(dir, "loss.json");
+            var r = Dsattn.Run($"train --compare-ranks 1,2 {SmallArgs} --plot {png} --json {json}", TimeSpan.FromSeconds(120), output);
+            Assert.True(r.ExitCode == 0, r.Stdout + r.Stderr);
+            var bytes = File.ReadAllBytes(png);
+            Assert.True(bytes.Length > 1000 && bytes[1] == 'P' && bytes[2] == 'N' && bytes[3] == 'G', "not a PNG");
+            using var doc = System.Text.Json.JsonDocument.Parse(File.ReadAllText(json));
+            var runs = doc.RootElement.GetProperty("runs").EnumerateArray().ToList();
+            Assert.Equal([1, 2], runs.Select(x => x.GetProperty("ranks").GetInt32()));
+            AssertSameCurve(SingleRankCurve.Value, [.. runs[0].GetProperty("loss").EnumerateArray().Select(x => x.GetDouble())]);
+            AssertSameCurve(SingleRankCurve.Value, [.. runs[1].GetProperty("loss").EnumerateArray().Select(x => x.GetDouble())]);
+            // One line per step, P = 1's loss first.
+            Assert.Equal(CurveSteps, StepLine().Matches(r.Stdout).Count);
+            Assert.Empty(Directory.GetFiles(dir, ".*"));
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
     public void Cli_BadOption_RefusedNamingIt()
     {
         var r = Dsattn.Run("train --seq 10 --pairs 8", TimeSpan.FromSeconds(60), output);
