@@ -49,7 +49,7 @@ internal static class TrainCommand
                     ? [.. c.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => int.Parse(x, System.Globalization.CultureInfo.InvariantCulture))]
                     : null;
             }
-            catch (FormatException)
+            catch (Exception e) when (e is FormatException or OverflowException)
             {
                 return TrainExecution.Refuse("--compare-ranks takes comma-separated rank counts, e.g. 1,2,4.");
             }
