@@ -18,6 +18,7 @@ public sealed unsafe class CpuBackend : IKernelBackend
     }
 
     private readonly PinnedBuffer _keysTransposed = new();
+    private readonly PinnedBuffer _backwardPack = new();
 
     /// <summary>Worker threads per operation.</summary>
     public int Threads { get; }
@@ -111,8 +112,10 @@ public sealed unsafe class CpuBackend : IKernelBackend
         AttentionDims.Expect(dQ, nameof(dQ), x.B, x.Nq, x.H, x.D);
         AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
         AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
-        CpuFlashAttention.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(lse, nameof(lse)), Cpu(drow, nameof(drow)), Cpu(dO, nameof(dO)),
-            Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), x, options, Threads);
+        // The packed operands live in one buffer per backend; serialise concurrent backwards on it.
+        lock (_backwardPack)
+            CpuFlashBackward.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(lse, nameof(lse)), Cpu(drow, nameof(drow)), Cpu(dO, nameof(dO)),
+                Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), x, options, Threads, _backwardPack);
     }
 
     /// <inheritdoc/>
@@ -220,6 +223,7 @@ public sealed unsafe class CpuBackend : IKernelBackend
     public void Dispose()
     {
         lock (_keysTransposed) _keysTransposed.Dispose();
+        lock (_backwardPack) _backwardPack.Dispose();
     }
 
     private static AttentionDims LightningDims(DeviceTensor q, DeviceTensor k, DeviceTensor v, ReadOnlySpan<float> decay)
