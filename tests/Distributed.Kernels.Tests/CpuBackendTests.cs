@@ -107,3 +107,30 @@ public sealed class CpuScalarPathTests : KernelBackendContract
 /// <summary>The scalar-path suite flips a process-wide switch, so nothing runs beside it.</summary>
 [CollectionDefinition(nameof(ScalarPathCollection), DisableParallelization = true)]
 public sealed class ScalarPathCollection;
+
+/// <summary>
+/// The same contract on the AVX2 path: on a machine with AVX-512 the vectorised backend would otherwise
+/// never run its 8-lane code here. Where AVX2 itself is missing this repeats the scalar suite.
+/// </summary>
+[Collection(nameof(ScalarPathCollection))]
+public sealed class CpuAvx2PathTests : KernelBackendContract
+{
+    private readonly (bool V512, bool V256) _was = (CpuMath.UseVector512, CpuMath.UseVector256);
+
+    public CpuAvx2PathTests() => (CpuMath.UseVector512, CpuMath.UseVector256) = (false, _was.V256);
+
+    protected override IKernelBackend CreateBackend() => new CpuBackend(2);
+
+    protected override void OnDispose() => (CpuMath.UseVector512, CpuMath.UseVector256) = _was;
+
+    [Fact]
+    public void PathName_SaysAvx2WhenAvx512IsOff()
+    {
+        if (_was.V256) Assert.Equal("avx2", CpuMath.PathName);
+        else Assert.Equal("scalar", CpuMath.PathName);
+    }
+
+    [Theory]
+    [MemberData(nameof(LargeFlashBackwardCases))]
+    public void FlashBackward_Large_MatchesReference(FlashCase c) => CheckFlashBackward(c);
+}

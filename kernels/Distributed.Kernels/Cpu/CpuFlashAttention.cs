@@ -223,22 +223,6 @@ internal static unsafe class CpuFlashAttention
         }
     }
 
-    public static void RowDot(CpuTensor o, CpuTensor dO, CpuTensor drow, int b, int n, int h, int dv, int threads)
-    {
-        float* O = o.Pointer, G = dO.Pointer, R = drow.Pointer;
-        CpuParallel.For(b * h, threads, bh =>
-        {
-            int bb = bh / h, hh = bh % h;
-            for (int i = 0; i < n; i++)
-            {
-                long off = (((long)bb * n + i) * h + hh) * dv;
-                float sum = 0f;
-                for (int e = 0; e < dv; e++) sum += O[off + e] * G[off + e];
-                R[((long)bb * h + hh) * n + i] = sum;
-            }
-        });
-    }
-
     /// <summary>dst[r·ld + d] = c · X[b, i0+r, h, d], zero-padded to ld and to 64 rows.</summary>
     internal static void LoadScaledRows(float* X, int n, int heads, int width, int b, int h, int i0, int rows, int ld, float c, float* dst)
     {
