@@ -21,6 +21,36 @@ public sealed unsafe class CpuBackend : IKernelBackend
     private readonly PinnedBuffer _backwardPack = new();
     private readonly PinnedBuffer _lightningPartials = new();
 
+    /// <summary>The instruction sets <see cref="UseIsa"/> accepts, fastest first.</summary>
+    public static IReadOnlyList<string> IsaNames { get; } = ["avx512", "avx2", "scalar"];
+
+    /// <summary>
+    /// The vector path every CPU backend of this process runs now: "avx512", "avx2" or "scalar" (the best
+    /// the hardware has unless <see cref="UseIsa"/> chose a lower one).
+    /// </summary>
+    public static string Isa => CpuMath.PathName;
+
+    /// <summary>
+    /// Chooses the vector path process-wide (for benchmarks and tests of the lower paths): "avx512",
+    /// "avx2", "scalar", or "auto" for the best the hardware has. Not safe while kernels run.
+    /// </summary>
+    /// <exception cref="ArgumentException">An unknown name, or a path the hardware lacks.</exception>
+    public static void UseIsa(string isa)
+    {
+        ArgumentNullException.ThrowIfNull(isa);
+        bool has512 = System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated, has256 = System.Runtime.Intrinsics.Vector256.IsHardwareAccelerated;
+        (bool v512, bool v256) = isa switch
+        {
+            "auto" => (has512, has256),
+            "avx512" when has512 => (true, true),
+            "avx2" when has256 => (false, true),
+            "scalar" => (false, false),
+            "avx512" or "avx2" => throw new ArgumentException($"This CPU has no {isa} (it has {(has512 ? "avx512" : has256 ? "avx2" : "neither avx2 nor avx512")}); choose a lower path or auto.", nameof(isa)),
+            _ => throw new ArgumentException($"Unknown instruction set '{isa}'; use auto, {string.Join(", ", IsaNames)}.", nameof(isa)),
+        };
+        (CpuMath.UseVector512, CpuMath.UseVector256) = (v512, v256);
+    }
+
     /// <summary>Worker threads per operation.</summary>
     public int Threads { get; }
 
