@@ -18,14 +18,14 @@ internal static unsafe class CpuLightningAttention
     /// <summary>Per-thread tile buffers of one (batch, head) sweep.</summary>
     private readonly struct Tiles
     {
-        public readonly float* Q, K, V, G, Kt, Vt, A, dA, Tmp, Tmp2, S, St, Pw;
+        public readonly float* Q, K, V, G, Kt, Vt, A, dA, Tmp, Tmp2, S, St, Pw, Mask;
         public readonly int D, Dv, DP, DvP;
 
         public Tiles(int d, int dv)
         {
             D = d; Dv = dv; DP = CpuMath.Pad(d); DvP = CpuMath.Pad(dv);
             int dp = DP, dvp = DvP;
-            long total = 4L * T * Math.Max(dp, dvp) + (long)d * T + (long)dv * T + 2 * T * T + 2L * T * Math.Max(dp, dvp) + (long)d * dvp + (long)dv * dp + T + 2;
+            long total = 4L * T * Math.Max(dp, dvp) + (long)d * T + (long)dv * T + 2 * T * T + 2L * T * Math.Max(dp, dvp) + (long)d * dvp + (long)dv * dp + T + 2 + 2 * T + 16;
             float* p = CpuParallel.Scratch(total);
             Q = p; p += T * dp;
             K = p; p += T * dp;
@@ -39,7 +39,8 @@ internal static unsafe class CpuLightningAttention
             Tmp2 = p; p += T * Math.Max(dp, dvp);
             S = p; p += d * dvp;
             St = p; p += dv * dp;
-            Pw = p;
+            Pw = p; p += T + 16;
+            Mask = p;
         }
 
         /// <summary>Pw[n] = λ^n for n in [0, 65], flushed to 0 below <see cref="PowerFloor"/>.</summary>
@@ -47,6 +48,9 @@ internal static unsafe class CpuLightningAttention
         {
             double ln = Math.Log(lambda);
             for (int n = 0; n <= T + 1; n++) Pw[n] = Power(n * ln);
+            // Mask[m] = λ^(T−1−m) for m < T, 0 after: row i of the causal decay mask is Mask[T−1−i ..].
+            for (int m = 0; m < T; m++) Mask[m] = Pw[T - 1 - m];
+            new Span<float>(Mask + T, T).Clear();
         }
     }
 
@@ -87,15 +91,10 @@ internal static unsafe class CpuLightningAttention
         if (usedRows < rows) new Span<float>(dst + usedRows * ld, (rows - usedRows) * ld).Clear();
     }
 
-    /// <summary>A[i, j] ← λ^(i−j)·A[i, j] for j ≤ i &lt; bl, else 0.</summary>
-    private static void CausalDecayMask(float* a, int bl, float* pw)
+    /// <summary>A[i, j] ← λ^(i−j)·A[i, j] for j ≤ i &lt; bl, else 0 (<paramref name="mask"/> is <see cref="Tiles.Mask"/>).</summary>
+    private static void CausalDecayMask(float* a, int bl, float* mask)
     {
-        for (int i = 0; i < bl; i++)
-        {
-            float* row = a + i * T;
-            for (int j = 0; j <= i; j++) row[j] *= pw[i - j];
-            for (int j = i + 1; j < T; j++) row[j] = 0f;
-        }
+        for (int i = 0; i < bl; i++) CpuMath.Multiply(a + i * T, mask + T - 1 - i, T);
     }
 
     private static void LoadState(float* src, int d, int dv, int dvp, float* dst)
@@ -156,7 +155,7 @@ internal static unsafe class CpuLightningAttention
                     if (bl < T) for (int d = 0; d < x.D; d++) new Span<float>(t.Kt + d * T + bl, T - bl).Clear();
                     // Intra-block: [(Q Kᵀ) ⊙ M] V.
                     CpuMath.Gemm(bl, T, x.D, t.Q, 1, t.DP, t.Kt, T, t.A, T, false);
-                    CausalDecayMask(t.A, bl, t.Pw);
+                    CausalDecayMask(t.A, bl, t.Mask);
                     CpuMath.Gemm(bl, t.DvP, bl, t.A, 1, T, t.V, t.DvP, t.Tmp, t.DvP, false);
                     // Inter-block: diag(λ^(i+1)) Q S.
                     CpuMath.Gemm(bl, t.DvP, x.D, t.Q, 1, t.DP, t.S, t.DvP, t.Tmp2, t.DvP, false);
@@ -165,7 +164,7 @@ internal static unsafe class CpuLightningAttention
                         float w = t.Pw[i + 1];
                         float* dst = O + (((long)b * N + t0 + i) * x.H + h) * x.Dv;
                         float* intra = t.Tmp + i * t.DvP, inter = t.Tmp2 + i * t.DvP;
-                        for (int e = 0; e < x.Dv; e++) dst[e] = intra[e] + w * inter[e];
+                        CpuMath.AddScaled(dst, intra, inter, w, x.Dv, false);
                     }
                     // State: S ← λ^bl S + (diag(λ^(bl−1−j)) K)ᵀ V.
                     for (int j = 0; j < bl; j++) CpuMath.Scale(t.K + j * t.DP, t.DP, t.Pw[bl - 1 - j]);
@@ -221,7 +220,7 @@ internal static unsafe class CpuLightningAttention
                 Transpose(t.V, bl, DvP, Dv, t.Vt, T);
                 if (bl < T) for (int e = 0; e < Dv; e++) new Span<float>(t.Vt + e * T + bl, T - bl).Clear();
                 CpuMath.Gemm(bl, T, Dv, t.G, 1, DvP, t.Vt, T, t.dA, T, false);
-                CausalDecayMask(t.dA, bl, t.Pw);
+                CausalDecayMask(t.dA, bl, t.Mask);
                 CpuMath.Gemm(bl, DP, bl, t.dA, 1, T, t.K, DP, t.Tmp, DP, false);
                 Transpose(t.S, D, DvP, Dv, t.St, DP);
                 for (int e = 0; e < Dv; e++) new Span<float>(t.St + e * DP + D, DP - D).Clear();
@@ -230,7 +229,7 @@ internal static unsafe class CpuLightningAttention
                 {
                     float w = t.Pw[i + 1];
                     float* dq = DQ + (((long)b * N + t0 + i) * x.H + h) * D;
-                    for (int d = 0; d < D; d++) dq[d] = t.Tmp[i * DP + d] + w * t.Tmp2[i * DP + d];
+                    CpuMath.AddScaled(dq, t.Tmp + i * DP, t.Tmp2 + i * DP, w, D, false);
                 }
                 for (int j = 0; j < bl; j++) CpuMath.Scale(t.K + j * DP, DP, t.Pw[bl - 1 - j]);
                 CpuMath.Scale(t.S, D * DvP, t.Pw[bl]);
@@ -255,9 +254,9 @@ internal static unsafe class CpuLightningAttention
                     for (int e = 0; e < Dv; e++) new Span<float>(t.Vt + e * T + bl, T - bl).Clear();
                 }
                 CpuMath.Gemm(bl, T, D, t.Q, 1, DP, t.Kt, T, t.A, T, false);
-                CausalDecayMask(t.A, bl, t.Pw);
+                CausalDecayMask(t.A, bl, t.Mask);
                 CpuMath.Gemm(bl, T, Dv, t.G, 1, DvP, t.Vt, T, t.dA, T, false);
-                CausalDecayMask(t.dA, bl, t.Pw);
+                CausalDecayMask(t.dA, bl, t.Mask);
                 // dk_j = Σ_{i≥j} dA_ij q_i + λ^(bl−1−j) G v_j
                 CpuMath.Gemm(bl, DP, bl, t.dA, T, 1, t.Q, DP, t.Tmp, DP, false);
                 Transpose(t.S, D, DvP, Dv, t.St, DP);
@@ -267,7 +266,7 @@ internal static unsafe class CpuLightningAttention
                 {
                     float w = t.Pw[bl - 1 - j];
                     float* dk = dst.K + (t0 + j) * dst.KStride;
-                    for (int d = 0; d < D; d++) dk[d] += t.Tmp[j * DP + d] + w * t.Tmp2[j * DP + d];
+                    CpuMath.AddScaled(dk, t.Tmp + j * DP, t.Tmp2 + j * DP, w, D, true);
                 }
                 // dv_j = Σ_{i≥j} A_ij dO_i + λ^(bl−1−j) Gᵀ k_j
                 CpuMath.Gemm(bl, DvP, bl, t.A, T, 1, t.G, DvP, t.Tmp, DvP, false);
@@ -276,7 +275,7 @@ internal static unsafe class CpuLightningAttention
                 {
                     float w = t.Pw[bl - 1 - j];
                     float* dv = dst.V + (t0 + j) * dst.VStride;
-                    for (int e = 0; e < Dv; e++) dv[e] += t.Tmp[j * DvP + e] + w * t.Tmp2[j * DvP + e];
+                    CpuMath.AddScaled(dv, t.Tmp + j * DvP, t.Tmp2 + j * DvP, w, Dv, true);
                 }
                 // G ← λ^bl G + Σ_i λ^(i+1) q_iᵀ dO_i
                 for (int i = 0; i < bl; i++) CpuMath.Scale(t.Q + i * DP, DP, t.Pw[i + 1]);
