@@ -41,9 +41,11 @@ internal static class BenchCommand
         peer.AcceptOnlyFromAmong("none", "libtorch");
         var isa = new Option<string>("--isa") { Description = "CPU backend vector path: auto, avx512, avx2 or scalar.", DefaultValueFactory = _ => "auto" };
         isa.AcceptOnlyFromAmong(["auto", .. CpuBackend.IsaNames]);
+        var markdown = new Option<string?>("--markdown") { Description = "Also write the results as the README's Markdown table (ISA, rounds, same-run GEMM ceiling, spread)." };
+        var decayOpt = new Option<float?>("--decay") { Description = "Lightning decay λ in (0, 1] for every head (default: the ALiBi-style per-head decays of DefaultDecay)." };
         var kernels = new Command("kernels", "Time every block operation (causal and non-causal) on one device and print GFLOP/s. FLOPs: flash forward 4·B·H·N²·D (half when causal), backward 2.5× forward; lightning forward 2·B·H·N·(C·(D+Dv)/2 + 2·D·Dv) causal with C = 64 the block, 4·B·H·N·D·Dv non-causal; backward 2× forward; chunk state and its backward 2·B·H·N·D·Dv; row dot 2·B·N·H·D, merge 3·B·N·H·D; copy-slice moves half the tokens (GB/s only).")
         {
-            backend, shape, iterations, rounds, json, ops, peer, isa,
+            backend, shape, iterations, rounds, json, ops, peer, isa, decayOpt, markdown,
         };
         kernels.SetAction(parse =>
         {
@@ -64,10 +66,17 @@ internal static class BenchCommand
                 Console.Error.WriteLine($"dsattn bench kernels: unknown op '{bad}' in --ops; use {string.Join(", ", Ops)}.");
                 return 2;
             }
-            string? jsonPath = parse.GetValue(json);
-            if (jsonPath is not null && Path.GetDirectoryName(Path.GetFullPath(jsonPath)) is { } dir && !Directory.Exists(dir))
+            string? jsonPath = parse.GetValue(json), markdownPath = parse.GetValue(markdown);
+            foreach (var (name, file) in new[] { ("--json", jsonPath), ("--markdown", markdownPath) })
+                if (file is not null && Path.GetDirectoryName(Path.GetFullPath(file)) is { } dir && !Directory.Exists(dir))
+                {
+                    Console.Error.WriteLine($"dsattn bench kernels: {name}: the folder '{dir}' does not exist; create it or write elsewhere.");
+                    return 2;
+                }
+            float? lambda = parse.GetValue(decayOpt);
+            if (lambda is { } l && !(l > 0f && l <= 1f))
             {
-                Console.Error.WriteLine($"dsattn bench kernels: --json: the folder '{dir}' does not exist; create it or write elsewhere.");
+                Console.Error.WriteLine($"dsattn bench kernels: --decay must be in (0, 1] (got {l.ToString(CultureInfo.InvariantCulture)}), e.g. --decay 0.9.");
                 return 2;
             }
             try { CpuBackend.UseIsa(parse.GetValue(isa)!); }
@@ -87,7 +96,7 @@ internal static class BenchCommand
             var theirs = new List<List<Result>>();
             for (int round = 0; round < r; round++)
             {
-                ours.Add(Run(be, b, h, n, d, k, wanted));
+                ours.Add(Run(be, b, h, n, d, k, wanted, lambda));
                 if (peerDll is not null)
                 {
                     var p = RunPeer(peerDll, b, h, n, d, k, out string failure);
@@ -103,16 +112,15 @@ internal static class BenchCommand
             results.AddRange(theirs.Count > 0 ? Best(theirs) : []);
             string isaName = be.Name == "cpu" ? CpuBackend.Isa : "n/a";
             Print(results, be.Name, isaName, b, h, n, d, k, r);
+            if (markdownPath is not null) WriteAtomically(markdownPath, Markdown(results, isaName, b, h, n, d, k, r));
             if (jsonPath is not null)
             {
-                string path = Path.GetFullPath(jsonPath), tmp = path + ".tmp-" + Environment.ProcessId.ToString(CultureInfo.InvariantCulture);
-                File.WriteAllText(tmp, JsonSerializer.Serialize(results.Select(x => new
+                WriteAtomically(jsonPath, JsonSerializer.Serialize(results.Select(x => new
                 {
                     op = x.Op, causal = x.Causal, b = x.B, h = x.H, n = x.N, d = x.D, ms = x.Ms, gflops = x.Gflops,
                     side = x.Side, gflops_worst = x.GflopsWorst, gbps = double.IsNaN(x.Gbps) ? (double?)null : x.Gbps, rounds = x.Rounds,
                     isa = x.Side == "ours" ? isaName : "libtorch",
                 }), new JsonSerializerOptions { WriteIndented = true }));
-                File.Move(tmp, path, overwrite: true);
             }
             return 0;
         });
@@ -128,6 +136,37 @@ internal static class BenchCommand
             var best = g.MinBy(x => x.Ms)!;
             return best with { GflopsWorst = g.Min(x => x.Gflops), Rounds = g.Count(), Gbps = g.Max(x => x.Gbps) };
         })];
+
+    private static void WriteAtomically(string file, string text)
+    {
+        string path = Path.GetFullPath(file), tmp = path + ".tmp-" + Environment.ProcessId.ToString(CultureInfo.InvariantCulture);
+        File.WriteAllText(tmp, text);
+        File.Move(tmp, path, overwrite: true);
+    }
+
+    /// <summary>The README table: every op of ours, libtorch's SDPA beside the flash forward, and the GEMM ceiling.</summary>
+    internal static string Markdown(List<Result> results, string isa, int b, int h, int n, int d, int k, int r)
+    {
+        string F(double x) => double.IsNaN(x) ? "–" : x.ToString("F1", CultureInfo.InvariantCulture);
+        string R(double x) => double.IsNaN(x) || double.IsInfinity(x) ? "–" : x.ToString("F2", CultureInfo.InvariantCulture);
+        var gemm = results.FirstOrDefault(x => x.Op == "libtorch-gemm-2048");
+        var forward = results.Where(x => x.Op == "flash-forward" && x.Side == "ours").ToDictionary(x => x.Causal, x => x.Gflops);
+        var sb = new System.Text.StringBuilder();
+        sb.AppendLine(CultureInfo.InvariantCulture, $"CPU path {isa}, {Environment.ProcessorCount} threads, B={b} H={h} N={n} D={d} fp32; best of {k} per round, {r} round(s){(gemm is null ? "" : ", alternating with libtorch")}; \"worst\" is the worst round's best.");
+        if (gemm is not null)
+            sb.AppendLine(CultureInfo.InvariantCulture, $"Same-run ceiling: libtorch fp32 GEMM 2048³ {F(gemm.Gflops)} GFLOP/s (worst round {F(gemm.GflopsWorst)}).");
+        sb.AppendLine();
+        sb.AppendLine("| operation | causal | ours GFLOP/s (worst) | GB/s | libtorch GFLOP/s (worst) | ours / libtorch | ours / GEMM | note |");
+        sb.AppendLine("|---|---|---|---|---|---|---|---|");
+        foreach (var x in results.Where(x => x.Side == "ours"))
+        {
+            var peer = x.Op == "flash-forward" ? results.FirstOrDefault(p => p.Op == "libtorch-sdpa" && p.Causal == x.Causal) : null;
+            string note = x.Op == "flash-backward" && forward.TryGetValue(x.Causal, out double fw) ? $"{R(x.Gflops / fw)} × our forward" : "";
+            sb.AppendLine(CultureInfo.InvariantCulture,
+                $"| {x.Op} | {(x.Causal ? "yes" : "no")} | {(x.Gflops > 0 ? $"{F(x.Gflops)} ({F(x.GflopsWorst)})" : "–")} | {F(x.Gbps)} | {(peer is null ? "–" : $"{F(peer.Gflops)} ({F(peer.GflopsWorst)})")} | {(peer is null ? "–" : R(x.Gflops / peer.Gflops))} | {(gemm is null || x.Gflops <= 0 ? "–" : R(x.Gflops / gemm.Gflops))} | {note} |");
+        }
+        return sb.ToString();
+    }
 
     private static void Print(List<Result> results, string backend, string isa, int b, int h, int n, int d, int k, int r)
     {
@@ -217,7 +256,7 @@ internal static class BenchCommand
     }
 
     /// <summary>Times each wanted operation (one warm-up, then the best of <paramref name="iterations"/>).</summary>
-    internal static List<Result> Run(IKernelBackend be, int b, int h, int n, int d, int iterations, IReadOnlySet<string> wanted)
+    internal static List<Result> Run(IKernelBackend be, int b, int h, int n, int d, int iterations, IReadOnlySet<string> wanted, float? lambda = null)
     {
         var rnd = new Random(1);
         DeviceTensor Fill(params int[] shape)
@@ -240,7 +279,7 @@ internal static class BenchCommand
         using var dv = be.Allocate(b, n, h, d);
         using var m = be.Allocate(b, h, d, d);
         using var half = be.Allocate(b, n - n / 2, h, d);
-        var decay = Distributed.SequenceParallelAttention.DefaultDecay(h);
+        var decay = lambda is { } l ? Enumerable.Repeat(l, h).ToArray() : Distributed.SequenceParallelAttention.DefaultDecay(h);
         var results = new List<Result>();
         // Each step returns the milliseconds of the operation it times.
         var steps = new List<(string Op, bool Causal, Func<double> Measure, double Flop, double Bytes)>();
