@@ -210,7 +210,10 @@ internal static unsafe class CpuLightningAttention
                 NonCausalBackward(Q, K, V, G, DQ, dst, GE, GS, x, t, b, h, hk, stateOff);
                 return;
             }
-            // Sweep 1, forwards: dq_i = Σ_{j≤i} λ^(i−j)(dO_i·v_j) k_j + λ^(i+1) dO_i Sᵀ.
+            // Sweep 1, forwards: dq_i = Σ_{j≤i} λ^(i−j)(dO_i·v_j) k_j + λ^(i+1) dO_i Sᵀ. Only Sᵀ is
+            // needed, so the sweep carries Sᵀ ([Dv, DP]) and updates it directly, with no transpose per block.
+            Transpose(t.S, D, DvP, Dv, t.St, DP);
+            for (int e = 0; e < Dv; e++) new Span<float>(t.St + e * DP + D, DP - D).Clear();
             for (int t0 = 0; t0 < N; t0 += T)
             {
                 int bl = Math.Min(T, N - t0);
@@ -222,8 +225,6 @@ internal static unsafe class CpuLightningAttention
                 CpuMath.Gemm(bl, T, Dv, t.G, 1, DvP, t.Vt, T, t.dA, T, false);
                 CausalDecayMask(t.dA, bl, t.Mask);
                 CpuMath.Gemm(bl, DP, bl, t.dA, 1, T, t.K, DP, t.Tmp, DP, false);
-                Transpose(t.S, D, DvP, Dv, t.St, DP);
-                for (int e = 0; e < Dv; e++) new Span<float>(t.St + e * DP + D, DP - D).Clear();
                 CpuMath.Gemm(bl, DP, Dv, t.G, 1, DvP, t.St, DP, t.Tmp2, DP, false);
                 for (int i = 0; i < bl; i++)
                 {
@@ -231,9 +232,10 @@ internal static unsafe class CpuLightningAttention
                     float* dq = DQ + (((long)b * N + t0 + i) * x.H + h) * D;
                     CpuMath.AddScaled(dq, t.Tmp + i * DP, t.Tmp2 + i * DP, w, D, false);
                 }
+                // Sᵀ ← λ^bl Sᵀ + Vᵀ diag(λ^(bl−1−j)) K.
                 for (int j = 0; j < bl; j++) CpuMath.Scale(t.K + j * DP, DP, t.Pw[bl - 1 - j]);
-                CpuMath.Scale(t.S, D * DvP, t.Pw[bl]);
-                CpuMath.Gemm(D, DvP, bl, t.K, DP, 1, t.V, DvP, t.S, DvP, true);
+                CpuMath.Scale(t.St, Dv * DP, t.Pw[bl]);
+                CpuMath.Gemm(Dv, DP, bl, t.V, DvP, 1, t.K, DP, t.St, DP, true);
             }
             // Sweep 2, backwards, carrying G = ∂L/∂(state entering the next block).
             if (GE is null) new Span<float>(t.S, D * DvP).Clear();
