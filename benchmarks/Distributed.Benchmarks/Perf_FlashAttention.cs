@@ -56,12 +56,12 @@ public class Perf_FlashAttention : IDisposable
     }
 }
 
-/// <summary>Merge of partial softmax states and the softmax row term.</summary>
+/// <summary>The per-row steps: merge of partial softmax states, the softmax row term Drow, and a slice copy.</summary>
 [MemoryDiagnoser]
 public class Perf_MergeSoftmax : IDisposable
 {
     private CpuBackend _backend = null!;
-    private DeviceTensor _oa = null!, _la = null!, _ob = null!, _lb = null!;
+    private DeviceTensor _oa = null!, _la = null!, _ob = null!, _lb = null!, _half = null!;
 
     [Params(1000, 4096)]
     public int N { get; set; }
@@ -72,15 +72,22 @@ public class Perf_MergeSoftmax : IDisposable
         _backend = new CpuBackend();
         (_oa, _ob) = (_backend.Allocate(1, N, 8, 64), _backend.Allocate(1, N, 8, 64));
         (_la, _lb) = (_backend.Allocate(1, 8, N), _backend.Allocate(1, 8, N));
+        _half = _backend.Allocate(1, N / 2, 8, 64);
     }
 
     [Benchmark]
     public void Merge() => _backend.MergeSoftmax(_oa, _la, _ob, _lb);
 
+    [Benchmark]
+    public void RowDot() => _backend.SoftmaxRowDot(_oa, _ob, _la);
+
+    [Benchmark]
+    public void CopySlice() => _backend.CopySlice(_oa, N / 2, _half, 0, N / 2, 1);
+
     [GlobalCleanup]
     public void Dispose()
     {
-        foreach (var t in new[] { _oa, _la, _ob, _lb }) t?.Dispose();
+        foreach (var t in new[] { _oa, _la, _ob, _lb, _half }) t?.Dispose();
         _backend?.Dispose();
         GC.SuppressFinalize(this);
     }

@@ -47,6 +47,9 @@ public class Perf_LightningAttention : IDisposable
     [Benchmark]
     public void ChunkState() => _backend.LightningChunkState(_q, _q, _decay, Causal, _s);
 
+    [Benchmark]
+    public void ChunkStateBackward() => _backend.LightningChunkStateBackward(_q, _o, _decay, Causal, _s);
+
     [GlobalCleanup]
     public void Dispose()
     {

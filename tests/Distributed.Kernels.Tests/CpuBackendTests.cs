@@ -26,6 +26,59 @@ public sealed class CpuBackendTests : KernelBackendContract
     [MemberData(nameof(LargeLightningBackwardCases))]
     public void LightningBackward_Large_MatchesReference(LightningCase c) => CheckLightningBackward(c);
 
+    /// <summary>
+    /// Shapes past <see cref="CpuRowOps.ParallelFloats"/> take the threaded, vectorised path of the per-row
+    /// steps (the contract's small shapes run on one thread); Dv = 40 leaves a vector tail.
+    /// </summary>
+    [Fact]
+    public void RowSteps_AtThreadedSizes_MatchTheReference()
+    {
+        const int b = 2, n = 700, h = 3, dv = 40;
+        long len = (long)b * n * h * dv, rows = (long)b * h * n;
+        Assert.True(len >= CpuRowOps.ParallelFloats);
+        var oa = ReferenceAttention.Random(len, 1);
+        var ob = ReferenceAttention.Random(len, 2);
+        var la = ReferenceAttention.Random(rows, 3, 4.0);
+        var lb = ReferenceAttention.Random(rows, 4, 4.0);
+        la[5] = double.NegativeInfinity; // takes B
+        lb[7] = double.NegativeInfinity; // keeps A
+        var (eo, expectedLse) = ReferenceAttention.MergeSoftmax(oa, la, ob, lb, b, n, h, dv);
+        using var toa = Upload(oa, b, n, h, dv);
+        using var tla = Upload(la, b, h, n);
+        using var tob = Upload(ob, b, n, h, dv);
+        using var tlb = Upload(lb, b, h, n);
+        Backend.MergeSoftmax(toa, tla, tob, tlb);
+        AssertClose(eo, toa, "merged O");
+        AssertClose(expectedLse, tla, "merged LSE");
+
+        // Drow[b, h, i] = Σ_e O·dO, from the definition in fp64.
+        var drow = new double[rows];
+        for (int bb = 0; bb < b; bb++)
+            for (int i = 0; i < n; i++)
+                for (int hh = 0; hh < h; hh++)
+                    for (int e = 0; e < dv; e++)
+                    {
+                        long off = (((long)bb * n + i) * h + hh) * dv + e;
+                        drow[((long)bb * h + hh) * n + i] += oa[off] * ob[off];
+                    }
+        using var to = Upload(oa, b, n, h, dv);
+        using var tdrow = Stale(b, h, n);
+        Backend.SoftmaxRowDot(to, tob, tdrow);
+        AssertClose(drow, tdrow, "Drow");
+
+        // Tokens [100, 100 + 500) of O to [50, 550) of a 600-token tensor; the rest stays as it was.
+        using var dst = Stale(b, 600, h, dv);
+        Backend.CopySlice(to, 100, dst, 50, 500, 1);
+        var got = Download(dst);
+        for (int bb = 0; bb < b; bb++)
+            for (int t = 0; t < 600; t++)
+                for (int c = 0; c < h * dv; c++)
+                {
+                    float want = t is >= 50 and < 550 ? (float)oa[((long)bb * n + t + 50) * h * dv + c] : 7.25f;
+                    Assert.Equal(want, got[((long)bb * 600 + t) * h * dv + c]);
+                }
+    }
+
     [Fact]
     public void OneThreadAndTwoThreads_GiveTheSameBits()
     {
@@ -107,3 +160,30 @@ public sealed class CpuScalarPathTests : KernelBackendContract
 /// <summary>The scalar-path suite flips a process-wide switch, so nothing runs beside it.</summary>
 [CollectionDefinition(nameof(ScalarPathCollection), DisableParallelization = true)]
 public sealed class ScalarPathCollection;
+
+/// <summary>
+/// The same contract on the AVX2 path: on a machine with AVX-512 the vectorised backend would otherwise
+/// never run its 8-lane code here. Where AVX2 itself is missing this repeats the scalar suite.
+/// </summary>
+[Collection(nameof(ScalarPathCollection))]
+public sealed class CpuAvx2PathTests : KernelBackendContract
+{
+    private readonly (bool V512, bool V256) _was = (CpuMath.UseVector512, CpuMath.UseVector256);
+
+    public CpuAvx2PathTests() => (CpuMath.UseVector512, CpuMath.UseVector256) = (false, _was.V256);
+
+    protected override IKernelBackend CreateBackend() => new CpuBackend(2);
+
+    protected override void OnDispose() => (CpuMath.UseVector512, CpuMath.UseVector256) = _was;
+
+    [Fact]
+    public void PathName_SaysAvx2WhenAvx512IsOff()
+    {
+        if (_was.V256) Assert.Equal("avx2", CpuMath.PathName);
+        else Assert.Equal("scalar", CpuMath.PathName);
+    }
+
+    [Theory]
+    [MemberData(nameof(LargeFlashBackwardCases))]
+    public void FlashBackward_Large_MatchesReference(FlashCase c) => CheckFlashBackward(c);
+}

@@ -18,6 +18,38 @@ public sealed unsafe class CpuBackend : IKernelBackend
     }
 
     private readonly PinnedBuffer _keysTransposed = new();
+    private readonly PinnedBuffer _backwardPack = new();
+    private readonly PinnedBuffer _lightningPartials = new();
+
+    /// <summary>The instruction sets <see cref="UseIsa"/> accepts, fastest first.</summary>
+    public static IReadOnlyList<string> IsaNames { get; } = ["avx512", "avx2", "scalar"];
+
+    /// <summary>
+    /// The vector path every CPU backend of this process runs now: "avx512", "avx2" or "scalar" (the best
+    /// the hardware has unless <see cref="UseIsa"/> chose a lower one).
+    /// </summary>
+    public static string Isa => CpuMath.PathName;
+
+    /// <summary>
+    /// Chooses the vector path process-wide (for benchmarks and tests of the lower paths): "avx512",
+    /// "avx2", "scalar", or "auto" for the best the hardware has. Not safe while kernels run.
+    /// </summary>
+    /// <exception cref="ArgumentException">An unknown name, or a path the hardware lacks.</exception>
+    public static void UseIsa(string isa)
+    {
+        ArgumentNullException.ThrowIfNull(isa);
+        bool has512 = System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated, has256 = System.Runtime.Intrinsics.Vector256.IsHardwareAccelerated;
+        (bool v512, bool v256) = isa switch
+        {
+            "auto" => (has512, has256),
+            "avx512" when has512 => (true, true),
+            "avx2" when has256 => (false, true),
+            "scalar" => (false, false),
+            "avx512" or "avx2" => throw new ArgumentException($"This CPU has no {isa} (it has {(has512 ? "avx512" : has256 ? "avx2" : "neither avx2 nor avx512")}); choose a lower path or auto.", nameof(isa)),
+            _ => throw new ArgumentException($"Unknown instruction set '{isa}'; use auto, {string.Join(", ", IsaNames)}.", nameof(isa)),
+        };
+        (CpuMath.UseVector512, CpuMath.UseVector256) = (v512, v256);
+    }
 
     /// <summary>Worker threads per operation.</summary>
     public int Threads { get; }
@@ -59,9 +91,7 @@ public sealed unsafe class CpuBackend : IKernelBackend
         long outer = 1, inner = 1;
         for (int d = 0; d < axis; d++) outer *= src.Shape[d];
         for (int d = axis + 1; d < src.Shape.Count; d++) inner *= src.Shape[d];
-        float* s = src.Pointer, t = dst.Pointer;
-        for (long o = 0; o < outer; o++)
-            NativeBuffer.Copy(s + (o * src.Shape[axis] + srcStart) * inner, t + (o * dst.Shape[axis] + dstStart) * inner, count * inner);
+        CpuRowOps.CopyRuns(src.Pointer + srcStart * inner, (long)src.Shape[axis] * inner, dst.Pointer + dstStart * inner, (long)dst.Shape[axis] * inner, outer, count * inner, Threads);
     }
 
     /// <inheritdoc/>
@@ -97,7 +127,7 @@ public sealed unsafe class CpuBackend : IKernelBackend
         int b = o.Shape[0], n = o.Shape[1], h = o.Shape[2], dv = o.Shape[3];
         AttentionDims.Expect(dO, nameof(dO), b, n, h, dv);
         AttentionDims.Expect(drow, nameof(drow), b, h, n);
-        CpuFlashAttention.RowDot(Cpu(o, nameof(o)), Cpu(dO, nameof(dO)), Cpu(drow, nameof(drow)), b, n, h, dv, Threads);
+        CpuRowOps.RowDot(Cpu(o, nameof(o)).Pointer, Cpu(dO, nameof(dO)).Pointer, Cpu(drow, nameof(drow)).Pointer, b, n, h, dv, Threads);
     }
 
     /// <inheritdoc/>
@@ -111,8 +141,10 @@ public sealed unsafe class CpuBackend : IKernelBackend
         AttentionDims.Expect(dQ, nameof(dQ), x.B, x.Nq, x.H, x.D);
         AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
         AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
-        CpuFlashAttention.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(lse, nameof(lse)), Cpu(drow, nameof(drow)), Cpu(dO, nameof(dO)),
-            Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), x, options, Threads);
+        // The packed operands live in one buffer per backend; serialise concurrent backwards on it.
+        lock (_backwardPack)
+            CpuFlashBackward.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), Cpu(lse, nameof(lse)), Cpu(drow, nameof(drow)), Cpu(dO, nameof(dO)),
+                Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), x, options, Threads, _backwardPack);
     }
 
     /// <inheritdoc/>
@@ -124,29 +156,7 @@ public sealed unsafe class CpuBackend : IKernelBackend
         AttentionDims.Expect(oB, nameof(oB), b, n, h, dv);
         AttentionDims.Expect(lseA, nameof(lseA), b, h, n);
         AttentionDims.Expect(lseB, nameof(lseB), b, h, n);
-        float* a = Cpu(oA, nameof(oA)).Pointer, la = Cpu(lseA, nameof(lseA)).Pointer;
-        float* ob = Cpu(oB, nameof(oB)).Pointer, lb = Cpu(lseB, nameof(lseB)).Pointer;
-        for (int bb = 0; bb < b; bb++)
-            for (int hh = 0; hh < h; hh++)
-                for (int i = 0; i < n; i++)
-                {
-                    long li = ((long)bb * h + hh) * n + i;
-                    float x = la[li], y = lb[li];
-                    if (float.IsNegativeInfinity(y)) continue;
-                    long off = (((long)bb * n + i) * h + hh) * dv;
-                    if (float.IsNegativeInfinity(x))
-                    {
-                        new ReadOnlySpan<float>(ob + off, dv).CopyTo(new Span<float>(a + off, dv));
-                        la[li] = y;
-                        continue;
-                    }
-                    float d = y - x;
-                    // sigmoid(d) and log(1 + e^d), both stable for either sign of d.
-                    float sig = d >= 0 ? 1f / (1f + MathF.Exp(-d)) : MathF.Exp(d) / (1f + MathF.Exp(d));
-                    float softplus = MathF.Max(d, 0f) + MathF.Log(1f + MathF.Exp(-MathF.Abs(d)));
-                    for (int e = 0; e < dv; e++) a[off + e] -= sig * (a[off + e] - ob[off + e]);
-                    la[li] = x + softplus;
-                }
+        CpuRowOps.MergeSoftmax(Cpu(oA, nameof(oA)).Pointer, Cpu(lseA, nameof(lseA)).Pointer, Cpu(oB, nameof(oB)).Pointer, Cpu(lseB, nameof(lseB)).Pointer, b, n, h, dv, Threads);
     }
 
     /// <inheritdoc/>
@@ -173,9 +183,11 @@ public sealed unsafe class CpuBackend : IKernelBackend
         AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
         AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
         if (dS0 is not null) AttentionDims.Expect(dS0, nameof(dS0), x.B, x.H, x.D, x.Dv);
-        CpuLightningAttention.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), decay.ToArray(), causal,
-            s0 is null ? null : Cpu(s0, nameof(s0)), Cpu(dO, nameof(dO)), dSEnd is null ? null : Cpu(dSEnd, nameof(dSEnd)),
-            Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), dS0 is null ? null : Cpu(dS0, nameof(dS0)), x, Threads);
+        // The GQA partials live in one buffer per backend; serialise concurrent backwards on it.
+        lock (_lightningPartials)
+            CpuLightningAttention.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), decay.ToArray(), causal,
+                s0 is null ? null : Cpu(s0, nameof(s0)), Cpu(dO, nameof(dO)), dSEnd is null ? null : Cpu(dSEnd, nameof(dSEnd)),
+                Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), dS0 is null ? null : Cpu(dS0, nameof(dS0)), x, Threads, _lightningPartials);
     }
 
     /// <inheritdoc/>
@@ -220,6 +232,8 @@ public sealed unsafe class CpuBackend : IKernelBackend
     public void Dispose()
     {
         lock (_keysTransposed) _keysTransposed.Dispose();
+        lock (_backwardPack) _backwardPack.Dispose();
+        lock (_lightningPartials) _lightningPartials.Dispose();
     }
 
     private static AttentionDims LightningDims(DeviceTensor q, DeviceTensor k, DeviceTensor v, ReadOnlySpan<float> decay)

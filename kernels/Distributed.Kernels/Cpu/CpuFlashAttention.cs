@@ -5,13 +5,13 @@ namespace Distributed.Kernels.Cpu;
 /// <summary>
 /// FlashAttention-2 on the CPU: 64×64 tiles, scores and P·V as register-blocked GEMMs
 /// (<see cref="CpuMath.Gemm"/>), an online softmax in base 2 (Q is pre-scaled by scale·log2 e), no N×N
-/// buffer. Forward parallelises over (batch, head, query tile), heaviest tiles first; backward runs
-/// one pass over key tiles for dK/dV and one over query tiles for dQ, so no two threads write the same row.
+/// buffer. Forward parallelises over (batch, head, query tile), heaviest tiles first. The backward is
+/// <see cref="CpuFlashBackward"/>.
 /// </summary>
 internal static unsafe class CpuFlashAttention
 {
-    private const int T = 64;
-    private const float Log2E = 1.4426950408889634f;
+    internal const int T = 64;
+    internal const float Log2E = 1.4426950408889634f;
     private const float Ln2 = 0.6931471805599453f;
 
     public static void Forward(CpuTensor q, CpuTensor k, CpuTensor v, CpuTensor o, CpuTensor lse, AttentionDims x, in FlashOptions opt, int threads, PinnedBuffer keysTransposed, long packBudget)
@@ -51,7 +51,7 @@ internal static unsafe class CpuFlashAttention
     }
 
     /// <summary>Task order for causal work: the last query tiles (most keys) of every head first.</summary>
-    private static int[] HeaviestLastTileFirst(int heads, int tiles)
+    internal static int[] HeaviestLastTileFirst(int heads, int tiles)
     {
         var order = new int[heads * tiles];
         int n = 0;
@@ -188,7 +188,7 @@ internal static unsafe class CpuFlashAttention
     }
 
     /// <summary>kt[d·64 + j] = K[b, j0+j, hk, d], zero for j ≥ tl.</summary>
-    private static void LoadKeyTileTransposed(float* K, AttentionDims x, int b, int hk, int j0, int tl, float* kt)
+    internal static void LoadKeyTileTransposed(float* K, AttentionDims x, int b, int hk, int j0, int tl, float* kt)
     {
         int D = x.D;
         if (tl < T) new Span<float>(kt, D * T).Clear();
@@ -200,7 +200,7 @@ internal static unsafe class CpuFlashAttention
     }
 
     /// <summary>dst[j·ld + e] = X[b, j0+j, head, e] for e &lt; width, zero-padded to ld and to 64 rows.</summary>
-    private static void LoadRows(float* X, int n, int heads, int width, int b, int head, int j0, int count, int ld, float* dst)
+    internal static void LoadRows(float* X, int n, int heads, int width, int b, int head, int j0, int count, int ld, float* dst)
     {
         for (int j = 0; j < count; j++)
         {
@@ -213,7 +213,7 @@ internal static unsafe class CpuFlashAttention
     }
 
     /// <summary>dst[e·64 + j] = X[b, j0+j, head, e] (a tile transposed), zero for j ≥ count.</summary>
-    private static void LoadTransposed(float* X, int n, int heads, int width, int b, int head, int j0, int count, float* dst)
+    internal static void LoadTransposed(float* X, int n, int heads, int width, int b, int head, int j0, int count, float* dst)
     {
         if (count < T) new Span<float>(dst, width * T).Clear();
         for (int j = 0; j < count; j++)
@@ -223,171 +223,8 @@ internal static unsafe class CpuFlashAttention
         }
     }
 
-    public static void RowDot(CpuTensor o, CpuTensor dO, CpuTensor drow, int b, int n, int h, int dv, int threads)
-    {
-        float* O = o.Pointer, G = dO.Pointer, R = drow.Pointer;
-        CpuParallel.For(b * h, threads, bh =>
-        {
-            int bb = bh / h, hh = bh % h;
-            for (int i = 0; i < n; i++)
-            {
-                long off = (((long)bb * n + i) * h + hh) * dv;
-                float sum = 0f;
-                for (int e = 0; e < dv; e++) sum += O[off + e] * G[off + e];
-                R[((long)bb * h + hh) * n + i] = sum;
-            }
-        });
-    }
-
-    public static void Backward(CpuTensor q, CpuTensor k, CpuTensor v, CpuTensor lse, CpuTensor drow, CpuTensor dO,
-        CpuTensor dQ, CpuTensor dK, CpuTensor dV, AttentionDims x, in FlashOptions opt, int threads)
-    {
-        var options = opt;
-        float scale = opt.ScaleFor(x.D), c = scale * Log2E;
-        float* Q = q.Pointer, K = k.Pointer, V = v.Pointer, L = lse.Pointer, R = drow.Pointer, G = dO.Pointer;
-        float* DQ = dQ.Pointer, DK = dK.Pointer, DV = dV.Pointer;
-        int kTiles = (x.Nk + T - 1) / T, qTiles = (x.Nq + T - 1) / T;
-        CpuParallel.For(x.B * x.Hk * kTiles, threads, t =>
-        {
-            int kt = t % kTiles, bh = t / kTiles, hk = bh % x.Hk, b = bh / x.Hk;
-            KeyTileGradients(Q, K, V, L, R, G, DK, DV, x, options, c, b, hk, kt * T);
-        });
-        CpuParallel.For(x.B * x.H * qTiles, threads, t =>
-        {
-            int qt = t % qTiles, bh = t / qTiles, h = bh % x.H, b = bh / x.H;
-            QueryTileGradient(Q, K, V, L, R, G, DQ, x, options, c, scale, b, h, qt * T);
-        }, options.Causal ? HeaviestLastTileFirst(x.B * x.H, qTiles) : null);
-    }
-
-    /// <summary>
-    /// P and dS of one (query tile, key tile) pair, in place: on return <paramref name="s"/> holds P and
-    /// <paramref name="dp"/> holds dS = P ∘ (dP − Drow), both in natural units; masked entries are 0.
-    /// </summary>
-    private static void ProbabilitiesAndScoreGradients(float* qs, int ldq, float* dos, int ldo, float* kt, float* vtT, float* s, float* dp,
-        float* L, float* R, AttentionDims x, in FlashOptions opt, int b, int h, int i0, int rows, int j0, int tl)
-    {
-        CpuMath.Gemm(rows, T, x.D, qs, 1, ldq, kt, T, s, T, false);
-        CpuMath.Gemm(rows, T, x.Dv, dos, 1, ldo, vtT, T, dp, T, false);
-        for (int r = 0; r < rows; r++)
-        {
-            long li = ((long)b * x.H + h) * x.Nq + i0 + r;
-            float lse2 = L[li] * Log2E, dr = R[li];
-            int valid = opt.Causal ? (int)Math.Clamp(opt.QueryOffset + i0 + r - opt.KeyOffset - j0 + 1, 0, tl) : tl;
-            if (float.IsNegativeInfinity(lse2)) valid = 0;
-            float* sr = s + r * T, dr_ = dp + r * T;
-            int j = 0;
-            if (CpuMath.UseVector512)
-            {
-                var lv = Vector512.Create(lse2);
-                var dv = Vector512.Create(dr);
-                for (; j + 16 <= valid; j += 16)
-                {
-                    var p = CpuMath.Exp2(Vector512.Load(sr + j) - lv);
-                    p.Store(sr + j);
-                    (p * (Vector512.Load(dr_ + j) - dv)).Store(dr_ + j);
-                }
-            }
-            else if (CpuMath.UseVector256)
-            {
-                var lv = Vector256.Create(lse2);
-                var dv = Vector256.Create(dr);
-                for (; j + 8 <= valid; j += 8)
-                {
-                    var p = CpuMath.Exp2(Vector256.Load(sr + j) - lv);
-                    p.Store(sr + j);
-                    (p * (Vector256.Load(dr_ + j) - dv)).Store(dr_ + j);
-                }
-            }
-            for (; j < valid; j++)
-            {
-                float p = CpuMath.Exp2(sr[j] - lse2);
-                sr[j] = p;
-                dr_[j] = p * (dr_[j] - dr);
-            }
-            for (; j < T; j++) { sr[j] = 0f; dr_[j] = 0f; }
-        }
-        for (int r = rows; r < T; r++)
-        {
-            new Span<float>(s + r * T, T).Clear();
-            new Span<float>(dp + r * T, T).Clear();
-        }
-    }
-
-    private static void KeyTileGradients(float* Q, float* K, float* V, float* L, float* R, float* G, float* DK, float* DV,
-        AttentionDims x, in FlashOptions opt, float c, int b, int hk, int j0)
-    {
-        int D = x.D, Dv = x.Dv, DP = CpuMath.Pad(D), DvP = CpuMath.Pad(Dv);
-        int tl = Math.Min(T, x.Nk - j0);
-        float* kt = CpuParallel.Scratch((long)D * T + (long)Dv * T + (long)T * DP + (long)T * DvP + 2 * T * T + (long)T * DP + (long)T * DvP);
-        float* vtT = kt + D * T, qs = vtT + Dv * T, dos = qs + T * DP, s = dos + T * DvP, dp = s + T * T, dk = dp + T * T, dv = dk + T * DP;
-        LoadKeyTileTransposed(K, x, b, hk, j0, tl, kt);
-        LoadTransposed(V, x.Nk, x.Hk, Dv, b, hk, j0, tl, vtT);
-        new Span<float>(dk, T * DP).Clear();
-        new Span<float>(dv, T * DvP).Clear();
-        long iStart = opt.Causal ? Math.Max(0, opt.KeyOffset + j0 - opt.QueryOffset) : 0;
-        for (int g = 0; g < x.Group; g++)
-        {
-            int h = hk * x.Group + g;
-            for (long i0l = iStart / T * T; i0l < x.Nq; i0l += T)
-            {
-                int i0 = (int)i0l, rows = Math.Min(T, x.Nq - i0);
-                LoadScaledRows(Q, x.Nq, x.H, D, b, h, i0, rows, DP, c, qs);
-                LoadRows(G, x.Nq, x.H, Dv, b, h, i0, rows, DvP, dos);
-                ProbabilitiesAndScoreGradients(qs, DP, dos, DvP, kt, vtT, s, dp, L, R, x, opt, b, h, i0, rows, j0, tl);
-                CpuMath.Gemm(tl, DvP, rows, s, T, 1, dos, DvP, dv, DvP, true);
-                CpuMath.Gemm(tl, DP, rows, dp, T, 1, qs, DP, dk, DP, true);
-            }
-        }
-        // qs carried scale·log2 e; dK = scale Σ dS q = Σ dS qs / log2 e.
-        float undo = 1f / Log2E;
-        for (int j = 0; j < tl; j++)
-        {
-            float* dkRow = DK + (((long)b * x.Nk + j0 + j) * x.Hk + hk) * D;
-            float* dvRow = DV + (((long)b * x.Nk + j0 + j) * x.Hk + hk) * Dv;
-            if (opt.Accumulate)
-            {
-                for (int d = 0; d < D; d++) dkRow[d] += dk[j * DP + d] * undo;
-                for (int e = 0; e < Dv; e++) dvRow[e] += dv[j * DvP + e];
-            }
-            else
-            {
-                for (int d = 0; d < D; d++) dkRow[d] = dk[j * DP + d] * undo;
-                for (int e = 0; e < Dv; e++) dvRow[e] = dv[j * DvP + e];
-            }
-        }
-    }
-
-    private static void QueryTileGradient(float* Q, float* K, float* V, float* L, float* R, float* G, float* DQ,
-        AttentionDims x, in FlashOptions opt, float c, float scale, int b, int h, int i0)
-    {
-        int D = x.D, Dv = x.Dv, DP = CpuMath.Pad(D), DvP = CpuMath.Pad(Dv), hk = h / x.Group;
-        int rows = Math.Min(T, x.Nq - i0);
-        float* qs = CpuParallel.Scratch((long)T * DP + (long)T * DvP + (long)D * T + (long)Dv * T + (long)T * DP + 2 * T * T + (long)T * DP);
-        float* dos = qs + T * DP, kt = dos + T * DvP, vtT = kt + D * T, kr = vtT + Dv * T, s = kr + T * DP, dp = s + T * T, dq = dp + T * T;
-        LoadScaledRows(Q, x.Nq, x.H, D, b, h, i0, rows, DP, c, qs);
-        LoadRows(G, x.Nq, x.H, Dv, b, h, i0, rows, DvP, dos);
-        new Span<float>(dq, T * DP).Clear();
-        int jEnd = x.Nk;
-        if (opt.Causal) jEnd = (int)Math.Clamp(opt.QueryOffset + i0 + rows - opt.KeyOffset, 0, x.Nk);
-        for (int j0 = 0; j0 < jEnd; j0 += T)
-        {
-            int tl = Math.Min(T, x.Nk - j0);
-            LoadKeyTileTransposed(K, x, b, hk, j0, tl, kt);
-            LoadTransposed(V, x.Nk, x.Hk, Dv, b, hk, j0, tl, vtT);
-            LoadRows(K, x.Nk, x.Hk, D, b, hk, j0, tl, DP, kr);
-            ProbabilitiesAndScoreGradients(qs, DP, dos, DvP, kt, vtT, s, dp, L, R, x, opt, b, h, i0, rows, j0, tl);
-            CpuMath.Gemm(rows, DP, tl, dp, 1, T, kr, DP, dq, DP, true);
-        }
-        for (int r = 0; r < rows; r++)
-        {
-            float* dst = DQ + (((long)b * x.Nq + i0 + r) * x.H + h) * D;
-            if (opt.Accumulate) for (int d = 0; d < D; d++) dst[d] += dq[r * DP + d] * scale;
-            else for (int d = 0; d < D; d++) dst[d] = dq[r * DP + d] * scale;
-        }
-    }
-
     /// <summary>dst[r·ld + d] = c · X[b, i0+r, h, d], zero-padded to ld and to 64 rows.</summary>
-    private static void LoadScaledRows(float* X, int n, int heads, int width, int b, int h, int i0, int rows, int ld, float c, float* dst)
+    internal static void LoadScaledRows(float* X, int n, int heads, int width, int b, int h, int i0, int rows, int ld, float c, float* dst)
     {
         for (int r = 0; r < rows; r++)
         {

@@ -254,6 +254,44 @@ internal static unsafe class CpuMath
     /// <summary>Scalar 2^x with the same zero below -126.</summary>
     public static float Exp2(float x) => x < -126f ? 0f : MathF.Pow(2f, x);
 
+    /// <summary>y[i] *= x[i] over n elements.</summary>
+    public static void Multiply(float* y, float* x, int n)
+    {
+        int i = 0;
+        if (UseVector512)
+            for (; i + 16 <= n; i += 16) (Vector512.Load(y + i) * Vector512.Load(x + i)).Store(y + i);
+        else if (UseVector256)
+            for (; i + 8 <= n; i += 8) (Vector256.Load(y + i) * Vector256.Load(x + i)).Store(y + i);
+        for (; i < n; i++) y[i] *= x[i];
+    }
+
+    /// <summary>dst[i] = a[i] + w·b[i] over n elements, or dst[i] += that when <paramref name="accumulate"/>.</summary>
+    public static void AddScaled(float* dst, float* a, float* b, float w, int n, bool accumulate)
+    {
+        int i = 0;
+        if (UseVector512)
+        {
+            var wv = Vector512.Create(w);
+            for (; i + 16 <= n; i += 16)
+            {
+                var r = Vector512.FusedMultiplyAdd(Vector512.Load(b + i), wv, Vector512.Load(a + i));
+                if (accumulate) r += Vector512.Load(dst + i);
+                r.Store(dst + i);
+            }
+        }
+        else if (UseVector256)
+        {
+            var wv = Vector256.Create(w);
+            for (; i + 8 <= n; i += 8)
+            {
+                var r = Vector256.FusedMultiplyAdd(Vector256.Load(b + i), wv, Vector256.Load(a + i));
+                if (accumulate) r += Vector256.Load(dst + i);
+                r.Store(dst + i);
+            }
+        }
+        for (; i < n; i++) dst[i] = (accumulate ? dst[i] : 0f) + (a[i] + w * b[i]);
+    }
+
     /// <summary>y[i] *= s over n elements.</summary>
     public static void Scale(float* y, int n, float s)
     {

@@ -30,6 +30,31 @@ internal static unsafe class CpuParallel
         });
     }
 
+    /// <summary>
+    /// Like <see cref="For(int, int, Action{int}, int[])"/>, but <paramref name="body"/> also gets the index of
+    /// the worker running it, in [0, <see cref="Workers"/>(count, threads)): a worker may own a private
+    /// accumulator that no other worker writes.
+    /// </summary>
+    public static void ForWorkers(int count, int threads, Action<int, int> body, int[]? order = null)
+    {
+        if (count <= 0) return;
+        int workers = Workers(count, threads);
+        if (workers <= 1)
+        {
+            for (int i = 0; i < count; i++) body(order is null ? i : order[i], 0);
+            return;
+        }
+        int next = -1;
+        Parallel.For(0, workers, new ParallelOptions { MaxDegreeOfParallelism = workers }, w =>
+        {
+            int i;
+            while ((i = Interlocked.Increment(ref next)) < count) body(order is null ? i : order[i], w);
+        });
+    }
+
+    /// <summary>How many workers <see cref="ForWorkers"/> starts for <paramref name="count"/> tasks.</summary>
+    public static int Workers(int count, int threads) => Math.Max(1, Math.Min(threads, count));
+
     /// <summary>This thread's scratch of at least <paramref name="floats"/> floats (pinned, reused, not cleared).</summary>
     public static float* Scratch(long floats)
     {
