@@ -69,6 +69,15 @@ internal readonly record struct MemoryEstimate(long CallerFloats, long SchemeFlo
                 largest = ranks * perRank * state;
                 break;
             }
+            case ParallelScheme.Lasp1:
+            {
+                // Device: the state and the kept S0; host: own, incoming, outgoing and the other side's sum.
+                long state = b * h * d * dv;
+                scheme = 2 * state;
+                staging = 4 * state;
+                largest = state;
+                break;
+            }
             default: // Hybrid: the head group's tensors, its shuffle, and the sequence scheme on them
             {
                 int p = ranks;

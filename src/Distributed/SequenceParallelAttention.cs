@@ -19,6 +19,8 @@ public enum ParallelScheme
 {
     /// <summary>LASP-2 (lightning): one all-gather of [B,H,D,Dv] chunk states per pass.</summary>
     Lasp2,
+    /// <summary>LASP-1 (lightning): the chunk states travel along a serial chain of P−1 point-to-point hops per pass (contiguous layout).</summary>
+    Lasp1,
     /// <summary>All-gather K and V (softmax; LASP-2H / Llama-3 context parallel); backward reduce-scatters dK, dV.</summary>
     AllGather,
     /// <summary>Partial softmax states: KV stays sharded, Q and the (O, LSE) partials move.</summary>
@@ -112,6 +114,7 @@ public sealed class SequenceParallelAttention : IDisposable
         _scheme = options.Scheme switch
         {
             ParallelScheme.Lasp2 => new LaspLinearAttention(communicator, backend, shape, options, layout, _clock),
+            ParallelScheme.Lasp1 => new Lasp1LinearAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.AllGather => new AllGatherSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.Ulysses => new UlyssesAttention(communicator, backend, shape, options, layout, _clock),
             ParallelScheme.Ring => new RingSoftmaxAttention(communicator, backend, shape, options, layout, _clock),
@@ -267,15 +270,17 @@ public sealed class SequenceParallelAttention : IDisposable
         if (o.Attention == AttentionKind.Lightning)
         {
             if (o.Scheme is ParallelScheme.AllGather or ParallelScheme.Partial or ParallelScheme.Ring)
-                throw new ArgumentException($"Scheme {o.Scheme} is for softmax attention; lightning attention uses Lasp2, Ulysses or Hybrid.", "options");
+                throw new ArgumentException($"Scheme {o.Scheme} is for softmax attention; lightning attention uses Lasp2, Lasp1, Ulysses or Hybrid.", "options");
+            if (o.Scheme == ParallelScheme.Lasp1 && o.Layout == ShardLayout.Zigzag)
+                throw new ArgumentException("LASP-1 chains the ranks in token order and takes the contiguous layout only; use Layout = Contiguous (or leave it unset).", "options");
             if (o.Decay is { } d)
             {
                 if (d.Length != s.Heads) throw new ArgumentException($"Decay has {d.Length} values but there are {s.Heads} heads; give one λ per head.", "options");
                 if (d.Any(l => !(l > 0f && l <= 1f))) throw new ArgumentException("Every decay λ must be in (0, 1]; 1 means no decay.", "options");
             }
         }
-        else if (o.Scheme == ParallelScheme.Lasp2)
-            throw new ArgumentException("LASP-2 is for lightning (linear) attention; softmax attention uses AllGather, Partial, Ring, Ulysses or Hybrid.", "options");
+        else if (o.Scheme is ParallelScheme.Lasp2 or ParallelScheme.Lasp1)
+            throw new ArgumentException($"{(o.Scheme == ParallelScheme.Lasp2 ? "LASP-2" : "LASP-1")} is for lightning (linear) attention; softmax attention uses AllGather, Partial, Ring, Ulysses or Hybrid.", "options");
     }
 }
 

@@ -16,8 +16,8 @@ internal static class RunCommand
         var ranks = new Option<int>("--ranks") { Description = "In-process ranks (threads) when not launched by mpiexec.", DefaultValueFactory = _ => 4 };
         var attention = new Option<string?>("--attention") { Description = "softmax or lightning. With neither --attention nor --scheme, runs the representative verified job (lightning LASP-2 with decay, then causal softmax all-gather; forward, backward, --check)." };
         attention.AcceptOnlyFromAmong("softmax", "lightning");
-        var scheme = new Option<string?>("--scheme") { Description = "lasp2 (lightning), allgather, partial, ring (softmax), ulysses, hybrid (both). Default: lasp2 for lightning, allgather for softmax." };
-        scheme.AcceptOnlyFromAmong("lasp2", "allgather", "partial", "ring", "ulysses", "hybrid");
+        var scheme = new Option<string?>("--scheme") { Description = "lasp2, lasp1 (lightning), allgather, partial, ring (softmax), ulysses, hybrid (both). Default: lasp2 for lightning, allgather for softmax." };
+        scheme.AcceptOnlyFromAmong("lasp2", "lasp1", "allgather", "partial", "ring", "ulysses", "hybrid");
         var batch = new Option<int?>("--batch") { Description = "Batch size B (default 1; taken from --q when given)." };
         var seq = new Option<int?>("--seq") { Description = $"Global sequence length N in tokens (default: {DefaultSeqLen}, or {RepresentativeSoftmaxSeqLen} and {RepresentativeLightningSeqLen} in the representative job; taken from --q when given)." };
         var heads = new Option<int?>("--heads") { Description = "Query heads H (default 8; taken from --q when given)." };
@@ -130,6 +130,7 @@ internal static class RunCommand
     private static ParallelScheme ParseScheme(string name) => name switch
     {
         "lasp2" => ParallelScheme.Lasp2,
+        "lasp1" => ParallelScheme.Lasp1,
         "allgather" => ParallelScheme.AllGather,
         "partial" => ParallelScheme.Partial,
         "ring" => ParallelScheme.Ring,
