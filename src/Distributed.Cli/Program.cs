@@ -7,4 +7,5 @@ root.Subcommands.Add(LaunchCommand.Create());
 root.Subcommands.Add(StatusCommand.Create());
 root.Subcommands.Add(PtxCommand.Create());
 root.Subcommands.Add(BenchCommand.Create());
+root.Subcommands.Add(SimulateCommand.Create());
 return await root.Parse(args).InvokeAsync().ConfigureAwait(false);
