@@ -76,6 +76,10 @@ public sealed class ScalingBenchTests(ITestOutputHelper output)
                 foreach (var r in perRank)
                     Assert.Equal(2048.0, r.GetProperty("forward").GetProperty("bytesSent").GetDouble() + r.GetProperty("backward").GetProperty("bytesSent").GetDouble());
         }
+        // The calibrated model: a preset simulate can load, and a model time beside every case.
+        var preset = Distributed.Cli.Simulate.ClusterPreset.Load(Path.Combine(dir, ScalingModel.HardwareName));
+        Assert.True(preset.IntraBandwidthGBs > 0 && preset.LightningTflops > 0 && preset.ElementBytes == 4);
+        Assert.All(cases, c => Assert.True(c.GetProperty("modelMs").GetDouble() > 0));
         var csv = File.ReadAllLines(Path.Combine(dir, ScalingReport.CsvName));
         Assert.StartsWith("attention,scheme,ranks,n,", csv[0], StringComparison.Ordinal);
         Assert.Equal(rows + 1, csv.Length);

@@ -26,9 +26,10 @@ internal static class ScalingCommand
         var iterations = new Option<int>("--iterations") { Description = "Measured steps per case after one warm-up (the step whose slowest rank was fastest is kept).", DefaultValueFactory = _ => 2 };
         var backend = new Option<string>("--backend") { Description = "Kernel backend (as for run).", DefaultValueFactory = _ => "auto" };
         var noProgress = new Option<bool>("--no-progress") { Description = "No progress bar." };
+        var kernels = new Option<string?>("--kernels") { Description = "Kernel rates for the model column from a `dsattn bench kernels --json` file. Default: calibrated from this sweep's P = 1 cases (FLOPs over kernel time, per kind and direction)." };
         var command = new Command("scaling", "Sweep schemes × P × N (strong scaling at each N, weak scaling along N = P·N0) for both attention kinds, forward and backward, causal; per rank and phase: compute, communication and waiting time, bytes, peak memory. Writes scaling.json, scaling.csv and PNG plots into --out.")
         {
-            output, quick, ranks, kinds, schemes, lightningSeqs, softmaxSeqs, heads, headDim, iterations, backend, noProgress,
+            output, quick, ranks, kinds, schemes, lightningSeqs, softmaxSeqs, heads, headDim, iterations, backend, noProgress, kernels,
         };
         command.SetAction(parse =>
         {
@@ -67,10 +68,11 @@ internal static class ScalingCommand
             bool bar = rankZero && !parse.GetValue(noProgress) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
             List<CaseResult> results = [];
             List<string> skipped = [];
+            (double AlphaSeconds, double BytesPerSecond) link = default;
             void Sweep(Action<string, int, int>? report) => RankRunner.Run(launch, world, comm =>
             {
-                var (r, s) = ScalingSweep.Run(comm, plan, threads, comm.Rank == 0 ? report : null);
-                if (comm.Rank == 0) (results, skipped) = (r, s);
+                var (r, s, l) = ScalingSweep.Run(comm, plan, threads, comm.Rank == 0 ? report : null);
+                if (comm.Rank == 0) (results, skipped, link) = (r, s, l);
                 return 0;
             });
             if (bar)
@@ -89,23 +91,30 @@ internal static class ScalingCommand
                 return 1;
             }
             string environment = FormattableString.Invariant($"{(launch.Kind == LaunchKind.Mpich ? $"MPI, {launch.Size} ranks" : $"in-process, {world} ranks")}, {Environment.ProcessorCount} cores, {threads} kernel thread(s) per rank, backend {plan.Backend}");
-            ScalingReport.WriteJson(dir, results, environment);
+            Dictionary<CaseResult, double> model;
+            try { model = ScalingModel.Simulate(dir, results, link, world, parse.GetValue(kernels), environment, out string calibration); Console.WriteLine(calibration); }
+            catch (ArgumentException e)
+            {
+                Console.Error.WriteLine($"dsattn bench scaling: {e.Message}");
+                return 2;
+            }
+            ScalingReport.WriteJson(dir, results, environment, model);
             ScalingReport.WriteCsv(dir, results);
             var plots = ScalingPlots.Write(dir, results);
-            Print(results, environment);
+            Print(results, environment, model);
             foreach (var s in skipped) Console.WriteLine($"skipped {s}");
-            Console.WriteLine($"wrote {Path.Combine(dir, ScalingReport.JsonName)}, {ScalingReport.CsvName}, {string.Join(", ", plots)}");
+            Console.WriteLine($"wrote {Path.Combine(dir, ScalingReport.JsonName)}, {ScalingReport.CsvName}, {ScalingModel.HardwareName}, {string.Join(", ", plots)}");
             return 0;
         });
         return command;
     }
 
-    private static void Print(List<CaseResult> results, string environment)
+    private static void Print(List<CaseResult> results, string environment, Dictionary<CaseResult, double> model)
     {
         Console.WriteLine($"bench scaling ({environment}); per step, slowest rank; compute/comm/wait are the means over ranks of forward + backward:");
-        Console.WriteLine($"{"attention",-9} {"scheme",-9} {"P",2} {"N",7} {"step ms",9} {"compute",9} {"comm",9} {"wait",9} {"sent/rank",10}");
+        Console.WriteLine($"{"attention",-9} {"scheme",-9} {"P",2} {"N",7} {"step ms",9} {"compute",9} {"comm",9} {"wait",9} {"sent/rank",10} {"model ms",9}");
         foreach (var c in results)
-            Console.WriteLine(FormattableString.Invariant($"{c.AttentionName,-9} {c.SchemeName,-9} {c.Ranks,2} {c.Shape.SeqLen,7} {c.StepMs,9:F1} {c.PerRank.Average(r => r.Forward.ComputeMs + r.Backward.ComputeMs),9:F1} {c.PerRank.Average(r => r.Forward.CommMs + r.Backward.CommMs),9:F1} {c.PerRank.Average(r => r.Forward.WaitMs + r.Backward.WaitMs),9:F1} {Run.RunSummary.Bytes(c.PerRank.Max(r => r.Forward.BytesSent + r.Backward.BytesSent)),10}"));
+            Console.WriteLine(FormattableString.Invariant($"{c.AttentionName,-9} {c.SchemeName,-9} {c.Ranks,2} {c.Shape.SeqLen,7} {c.StepMs,9:F1} {c.PerRank.Average(r => r.Forward.ComputeMs + r.Backward.ComputeMs),9:F1} {c.PerRank.Average(r => r.Forward.CommMs + r.Backward.CommMs),9:F1} {c.PerRank.Average(r => r.Forward.WaitMs + r.Backward.WaitMs),9:F1} {Run.RunSummary.Bytes(c.PerRank.Max(r => r.Forward.BytesSent + r.Backward.BytesSent)),10} {(model.TryGetValue(c, out double m) ? m.ToString("F1", CultureInfo.InvariantCulture) : "-"),9}"));
     }
 
     private static List<int> ParseInts(string text, string option)

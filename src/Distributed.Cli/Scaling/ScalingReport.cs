@@ -9,7 +9,7 @@ internal static class ScalingReport
 {
     public const string JsonName = "scaling.json", CsvName = "scaling.csv";
 
-    public static void WriteJson(string dir, IReadOnlyList<CaseResult> results, string environment)
+    public static void WriteJson(string dir, IReadOnlyList<CaseResult> results, string environment, IReadOnlyDictionary<CaseResult, double> model)
     {
         var doc = new
         {
@@ -18,7 +18,7 @@ internal static class ScalingReport
             {
                 attention = c.AttentionName, scheme = c.SchemeName, causal = true, layout = c.Layout, ranks = c.Ranks,
                 b = c.Shape.Batch, n = c.Shape.SeqLen, h = c.Shape.Heads, hk = c.Shape.KvHeads, d = c.Shape.HeadDim, dv = c.Shape.ValueDim,
-                flopsPerStep = c.Flops, stepMs = c.StepMs,
+                flopsPerStep = c.Flops, stepMs = c.StepMs, modelMs = model.TryGetValue(c, out double m) ? m : (double?)null,
                 perRank = c.PerRank.Select(r => new
                 {
                     rank = r.Rank, tokens = r.Tokens, peakResidentBytes = r.PeakBytes,

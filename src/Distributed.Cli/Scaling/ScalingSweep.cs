@@ -51,8 +51,9 @@ internal sealed record CaseResult(AttentionKind Attention, ParallelScheme Scheme
 /// </summary>
 internal static class ScalingSweep
 {
-    /// <summary>Runs the sweep; returns the results on world rank 0 (empty elsewhere) and the skipped cases with why.</summary>
-    public static (List<CaseResult> Results, List<string> Skipped) Run(ICommunicator world, ScalingPlan plan, int cpuThreads, Action<string, int, int>? progress)
+    /// <summary>Runs the sweep, then measures the link between ranks 0 and 1 (<see cref="LinkProbe"/>); returns the
+    /// results on world rank 0 (empty elsewhere), the skipped cases with why, and the link.</summary>
+    public static (List<CaseResult> Results, List<string> Skipped, (double AlphaSeconds, double BytesPerSecond) Link) Run(ICommunicator world, ScalingPlan plan, int cpuThreads, Action<string, int, int>? progress)
     {
         var results = new List<CaseResult>();
         var skipped = new List<string>();
@@ -89,8 +90,9 @@ internal static class ScalingSweep
             // Idle ranks wait here without spinning (a started collective's Wait gives the core away).
             world.StartAllGather(new float[1], new float[world.Size]).Wait();
         }
-        progress?.Invoke("done", total, total);
-        return (results, skipped);
+        progress?.Invoke("link probe", total, total);
+        var link = LinkProbe.Measure(world);
+        return (results, skipped, link);
     }
 
     internal static SequenceParallelOptions Options(AttentionKind kind, ParallelScheme scheme) => new()

@@ -47,9 +47,11 @@ internal sealed record ClusterPreset(string Name, int GpusPerNode, double IntraL
     }
 
     /// <summary>The link inside a node.</summary>
+    [System.Text.Json.Serialization.JsonIgnore]
     public Link Intra => new(IntraLatencyUs * 1e-6, IntraBandwidthGBs * 1e9);
 
     /// <summary>The link between nodes.</summary>
+    [System.Text.Json.Serialization.JsonIgnore]
     public Link Inter => new(InterLatencyUs * 1e-6, InterBandwidthGBs * 1e9);
 }
 
