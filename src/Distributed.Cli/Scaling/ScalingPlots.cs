@@ -70,7 +70,7 @@ internal static class ScalingPlots
                 ideal.LegendText = slope == 1 ? "ideal ∝ N" : "ideal ∝ N²";
             }
         }
-        LogAxes(plot);
+        LogAxes(plot, atP.Select(c => c.Shape.SeqLen));
         plot.Title($"{Name(kind)}: forward+backward step vs N at P = {p} (slowest rank)");
         plot.XLabel("N (tokens, log scale)");
         plot.YLabel("step time, ms (log scale)");
@@ -89,7 +89,7 @@ internal static class ScalingPlots
             var line = plot.Add.Scatter(pts.Select(c => Math.Log10(c.Shape.SeqLen)).ToArray(), bytes.Select(Math.Log10).ToArray());
             line.LegendText = g.Key;
         }
-        LogAxes(plot);
+        LogAxes(plot, cases.Where(c => c.Ranks == p).Select(c => c.Shape.SeqLen));
         plot.Title($"{Name(kind)}: bytes sent per rank per step vs N at P = {p} (busiest rank)");
         plot.XLabel("N (tokens, log scale)");
         plot.YLabel("bytes sent per step (log scale)");
@@ -168,18 +168,17 @@ internal static class ScalingPlots
         return plot;
     }
 
-    private static void LogAxes(Plot plot)
+    /// <summary>Log10 data on both axes: N ticks at the measured lengths, decade ticks with minor ticks on the values.</summary>
+    private static void LogAxes(Plot plot, IEnumerable<int> seqs)
     {
-        foreach (var axis in new IAxis[] { plot.Axes.Bottom, plot.Axes.Left })
+        var n = seqs.Distinct().Order().ToArray();
+        plot.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual(n.Select(x => Math.Log10(x)).ToArray(), n.Select(x => x.ToString("#,0", CultureInfo.InvariantCulture)).ToArray());
+        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic
         {
-            var ticks = new ScottPlot.TickGenerators.NumericAutomatic
-            {
-                MinorTickGenerator = new ScottPlot.TickGenerators.LogMinorTickGenerator(),
-                IntegerTicksOnly = true,
-                LabelFormatter = y => Math.Pow(10, y).ToString("G4", CultureInfo.InvariantCulture),
-            };
-            axis.TickGenerator = ticks;
-        }
+            MinorTickGenerator = new ScottPlot.TickGenerators.LogMinorTickGenerator(),
+            IntegerTicksOnly = true,
+            LabelFormatter = y => Math.Pow(10, y) is var v && v >= 1000 ? v.ToString("#,0", CultureInfo.InvariantCulture) : v.ToString("G3", CultureInfo.InvariantCulture),
+        };
     }
 
     private static string Name(AttentionKind kind) => kind == AttentionKind.Lightning ? "lightning" : "softmax";
