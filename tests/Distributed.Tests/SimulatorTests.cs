@@ -139,6 +139,30 @@ public sealed class SimulatorTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void KernelRates_FromBenchKernelsJson_PickTheCausalRowsAndNameAMissingOp()
+    {
+        string file = Path.Combine(Path.GetTempPath(), $"kernels-{Guid.NewGuid():N}.json");
+        try
+        {
+            // The shape `bench kernels --json` writes; causal rows at 10/20/30/40 GFLOP/s, non-causal at 1.
+            string Row(string op, bool causal, double g) => $"{{\"op\":\"{op}\",\"causal\":{(causal ? "true" : "false")},\"b\":1,\"h\":8,\"n\":4096,\"d\":64,\"ms\":1,\"gflops\":{g}}}";
+            string[] ops = ["flash-forward", "flash-backward", "lightning-forward", "lightning-backward"];
+            File.WriteAllText(file, "[" + string.Join(",", ops.SelectMany((op, i) => new[] { Row(op, false, 1), Row(op, true, 10 * (i + 1)) })) + "]");
+            var r = MeasuredKernelRates.Load(file, causal: true);
+            Assert.Equal(10e9, r.FlashForward, 3);
+            Assert.Equal(20e9, r.FlashBackward, 3);
+            Assert.Equal(30e9, r.LightningForward, 3);
+            Assert.Equal(40e9, r.LightningBackward, 3);
+            Assert.Equal(1e9, MeasuredKernelRates.Load(file, causal: false).LightningBackward, 3);
+            File.WriteAllText(file, "[" + Row("flash-forward", true, 5) + "]");
+            var e = Assert.Throws<ArgumentException>(() => MeasuredKernelRates.Load(file, causal: true));
+            Assert.Equal("kernels", e.ParamName);
+            Assert.Contains("flash-backward", e.Message, StringComparison.Ordinal);
+        }
+        finally { File.Delete(file); }
+    }
+
+    [Fact]
     public void ParseTokens_TakesKAndMSuffixes()
     {
         Assert.Equal(2097152, SimulateCommand.ParseTokens("2048K"));
