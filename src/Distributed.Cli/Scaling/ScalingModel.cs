@@ -8,8 +8,9 @@ namespace Distributed.Cli.Scaling;
 /// The simulator calibrated to this machine, set beside the measured cases: link α and β from
 /// <see cref="LinkProbe"/> (one host: intra = inter, GPUs per node = the world size), 4-byte elements, and
 /// kernel rates from a <c>bench kernels</c> JSON or, by default, from the sweep's own P = 1 cases (FLOPs of each
-/// direction over its kernel time, per kind, at the largest N). Writes the preset as <c>hardware.json</c>, so
-/// <c>dsattn simulate --hardware DIR/hardware.json</c> projects from the same figures.
+/// direction over its kernel time, per kind, at the largest N). Writes the preset as <c>hardware.json</c> (one rate
+/// per kind: forward and backward combined), so <c>dsattn simulate --hardware DIR/hardware.json</c> projects from
+/// the same figures.
 /// </summary>
 internal static class ScalingModel
 {
@@ -28,8 +29,11 @@ internal static class ScalingModel
             return model;
         }
         double alphaUs = link.AlphaSeconds * 1e6, betaGBs = link.BytesPerSecond / 1e9;
+        // The preset holds one rate per kind: the forward+backward FLOPs over their time, so that
+        // simulate --hardware hardware.json gives the same compute as the model column.
+        static double Combined(double forward, double backward, double backwardFactor) => (1 + backwardFactor) / (1 / forward + backwardFactor / backward);
         var preset = new ClusterPreset($"this machine ({environment})", world, alphaUs, betaGBs, alphaUs, betaGBs,
-            rates.FlashForward / 1e12, rates.LightningForward / 1e12, 4);
+            Combined(rates.FlashForward, rates.FlashBackward, 2.5) / 1e12, Combined(rates.LightningForward, rates.LightningBackward, 2) / 1e12, 4);
         ScalingReport.Atomic(Path.Combine(dir, HardwareName), JsonSerializer.Serialize(preset, new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase }));
         foreach (var c in results)
         {

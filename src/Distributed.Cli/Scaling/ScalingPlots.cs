@@ -164,7 +164,7 @@ internal static class ScalingPlots
         plot.Axes.Margins(bottom: 0);
         plot.Title($"{Name(kind)}: where the step goes, P = {p}, N = {n} (mean over ranks)");
         plot.YLabel("ms per step");
-        plot.ShowLegend(Alignment.UpperLeft);
+        plot.ShowLegend(Edge.Right); // outside the axes, clear of the tallest bar
         return plot;
     }
 

@@ -44,7 +44,8 @@ internal sealed record CaseResult(AttentionKind Attention, ParallelScheme Scheme
 
 /// <summary>
 /// Runs a <see cref="ScalingPlan"/> on the ranks of a world communicator (in-process or MPI). For each P the
-/// world is split: ranks below P run the cases on their own communicator, the others wait politely. Each case:
+/// world is split once: ranks below P run the cases on their own communicator, the others wait politely; a case's
+/// Ps run back to back. Each case:
 /// one warm-up step, then <see cref="ScalingPlan.Iterations"/> measured steps; per step and rank, the phase
 /// clock's compute and communication time, the waiting time (<see cref="WaitTime"/>), the bytes from the
 /// counters and the peak resident memory; the step whose slowest rank was fastest is kept.
@@ -60,35 +61,39 @@ internal static class ScalingSweep
         using var backend = KernelBackends.Create(plan.Backend, 0, cpuThreads);
         var ranks = plan.Ranks.Where(p => p <= world.Size).Distinct().Order().ToList();
         int total = ranks.Sum(p => plan.Schemes.Sum(s => plan.Seqs(s.Kind).Count)), done = 0;
-        foreach (int p in ranks)
+        // One communicator per P, made up front, so that the Ps of a case run back to back: on a shared
+        // machine the load drifts over minutes, and a case's P = 1, 2, 4 should see the same load.
+        var groups = ranks.ToDictionary(p => p, p => world.Split(world.Rank < p ? 0 : 1, world.Rank));
+        try
         {
-            using var group = world.Split(world.Rank < p ? 0 : 1, world.Rank);
-            if (world.Rank < p)
-                foreach (var (kind, scheme) in plan.Schemes)
-                    foreach (int n in plan.Seqs(kind))
+            foreach (var (kind, scheme) in plan.Schemes)
+                foreach (int n in plan.Seqs(kind))
+                    foreach (int p in ranks)
                     {
-                        progress?.Invoke($"{kind.ToString().ToLowerInvariant()} {scheme.ToString().ToLowerInvariant()} P={p} N={n}", done, total);
-                        var shape = plan.Shape(n);
-                        var options = Options(kind, scheme);
-                        string? refusal = null;
-                        try { SequenceParallelAttention.CheckFits(shape, options, p, p, checkHostMemory: false); }
-                        catch (ArgumentException e) { refusal = e.Message; }
-                        if (refusal is null && scheme is ParallelScheme.Ulysses && plan.Heads % p != 0) refusal = $"H % P == 0 needed (H = {plan.Heads})";
-                        if (refusal is not null)
+                        if (world.Rank < p)
                         {
-                            if (world.Rank == 0) skipped.Add($"{kind.ToString().ToLowerInvariant()} {scheme.ToString().ToLowerInvariant()} P={p} N={n}: {refusal}");
-                        }
-                        else
-                        {
-                            var r = Measure(group, backend, kind, scheme, shape, options, plan.Iterations);
-                            if (r is not null) results.Add(r);
+                            progress?.Invoke($"{kind.ToString().ToLowerInvariant()} {scheme.ToString().ToLowerInvariant()} P={p} N={n}", done, total);
+                            var shape = plan.Shape(n);
+                            var options = Options(kind, scheme);
+                            string? refusal = null;
+                            try { SequenceParallelAttention.CheckFits(shape, options, p, p, checkHostMemory: false); }
+                            catch (ArgumentException e) { refusal = e.Message; }
+                            if (refusal is null && scheme is ParallelScheme.Ulysses && plan.Heads % p != 0) refusal = $"H % P == 0 needed (H = {plan.Heads})";
+                            if (refusal is not null)
+                            {
+                                if (world.Rank == 0) skipped.Add($"{kind.ToString().ToLowerInvariant()} {scheme.ToString().ToLowerInvariant()} P={p} N={n}: {refusal}");
+                            }
+                            else if (Measure(groups[p], backend, kind, scheme, shape, options, plan.Iterations) is { } r)
+                                results.Add(r);
                         }
                         done++;
+                        // Idle ranks wait here without spinning (a started collective's Wait gives the core away).
+                        world.StartAllGather(new float[1], new float[world.Size]).Wait();
                     }
-            else
-                done += plan.Schemes.Sum(s => plan.Seqs(s.Kind).Count);
-            // Idle ranks wait here without spinning (a started collective's Wait gives the core away).
-            world.StartAllGather(new float[1], new float[world.Size]).Wait();
+        }
+        finally
+        {
+            foreach (var g in groups.Values) g.Dispose();
         }
         progress?.Invoke("link probe", total, total);
         var link = LinkProbe.Measure(world);
