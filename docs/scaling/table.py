@@ -11,7 +11,7 @@ folder = sys.argv[1] if len(sys.argv) > 1 else "docs/scaling"
 doc = json.load(open(f"{folder}/scaling.json"))
 hw = json.load(open(f"{folder}/hardware.json"))
 print(f"Calibration: link α {hw['intraLatencyUs']:.1f} µs, β {hw['intraBandwidthGBs']:.2f} GB/s; "
-      f"kernels flash {hw['flashTflops'] * 1e3:.2f} GFLOP/s, lightning {hw['lightningTflops'] * 1e3:.2f} GFLOP/s (forward); {doc['environment']}\n")
+      f"kernels flash {hw['flashTflops'] * 1e3:.2f} GFLOP/s (forward+backward), lightning {hw['lightningTflops'] * 1e3:.2f} GFLOP/s (forward+backward); {doc['environment']}\n")
 print("| attention | scheme | P | N | measured ms | model ms | measured / model | compute ms | comm ms | wait ms |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 cases = doc["cases"]
