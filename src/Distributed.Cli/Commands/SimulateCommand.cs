@@ -112,8 +112,14 @@ internal static class SimulateCommand
         SchemeEstimate? Row(string name) => e.FirstOrDefault(x => x.Scheme == name && x.Feasible);
         foreach (var (mine, other) in new[] { ("lasp2", "lasp1"), ("lasp2", "ring"), ("lasp2-paper", "lasp1-paper"), ("lasp2-paper", "ring"), ("lasp2-paper", "ring-linear") })
             if (Row(mine) is { } a && Row(other) is { } b)
-                text.AppendLine(FormattableString.Invariant($"{mine} vs {other}{(other == "ring" && b.Attention == "lightning" ? " (quadratic blockwise)" : "")}: step time ratio {Step(b) / Step(a):F3} ({mine} throughput {(Step(b) / Step(a) - 1) * 100:+0.0;-0.0}%)"));
+                text.AppendLine(FormattableString.Invariant($"{mine} vs {other}{(other == "ring" && b.Attention == "lightning" ? " (quadratic blockwise)" : "")}: step time ratio {Step(b) / Step(a):F3} ({mine} throughput {Signed((Step(b) / Step(a) - 1) * 100)}%)"));
         return text.ToString();
+    }
+
+    private static string Signed(double percent)
+    {
+        double r = Math.Round(percent, 1);
+        return (r >= 0 ? "+" : "") + (r == 0 ? 0.0 : r).ToString("F1", CultureInfo.InvariantCulture);
     }
 
     private static void WriteJson(string target, ClusterPreset h, KernelRates r, SimulatedShape s, int p, List<SchemeEstimate> e, double denseMs)
