@@ -8,4 +8,5 @@ root.Subcommands.Add(StatusCommand.Create());
 root.Subcommands.Add(PtxCommand.Create());
 root.Subcommands.Add(BenchCommand.Create());
 root.Subcommands.Add(TrainCommand.Create());
+root.Subcommands.Add(SimulateCommand.Create());
 return await root.Parse(args).InvokeAsync().ConfigureAwait(false);

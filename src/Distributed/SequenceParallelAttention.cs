@@ -22,6 +22,8 @@ public enum ParallelScheme
 {
     /// <summary>LASP-2 (lightning): one all-gather of [B,H,D,Dv] chunk states per pass.</summary>
     [RegisteredScheme(typeof(Lasp2Descriptor))] Lasp2,
+    /// <summary>LASP-1 (lightning): the chunk states travel along a serial chain of P−1 point-to-point hops per pass (contiguous layout).</summary>
+    [RegisteredScheme(typeof(Lasp1Descriptor))] Lasp1,
     /// <summary>All-gather K and V (softmax; LASP-2H / Llama-3 context parallel); backward reduce-scatters dK, dV.</summary>
     [RegisteredScheme(typeof(AllGatherSoftmaxDescriptor))] AllGather,
     /// <summary>Partial softmax states: KV stays sharded, Q and the (O, LSE) partials move.</summary>

@@ -124,8 +124,9 @@ internal static class BenchCommand
             }
             return 0;
         });
-        var command = new Command("bench", "Benchmarks: `bench kernels` times the block operations of one device.");
+        var command = new Command("bench", "Benchmarks: `bench kernels` times the block operations of one device; `bench scaling` sweeps schemes × P × N.");
         command.Subcommands.Add(kernels);
+        command.Subcommands.Add(Distributed.Cli.Scaling.ScalingCommand.Create());
         return command;
     }
 
