@@ -1,0 +1,85 @@
+using Distributed.Reference;
+using Xunit;
+
+namespace Distributed.Kernels.Tests;
+
+/// <summary>
+/// The split lightning operations: the intra-chunk result (S0 = 0, dS_end = 0) plus the inter-chunk terms
+/// must equal the fp64 reference's whole-chunk forward and backward with S0 and dS_end, for every case of the
+/// lightning contract (decay 1, 0.9, 0.01, mixed per head; GQA 4/4, 4/2, 4/1; causal and not; N across tiles).
+/// </summary>
+public abstract partial class KernelBackendContract
+{
+    [Theory]
+    [MemberData(nameof(LightningCases))]
+    public void LightningInterChunkForward_AddedToTheLocalOutput_EqualsTheWholeChunkWithS0(LightningCase c)
+    {
+        c = c with { WithS0 = true };
+        var x = c.Dims;
+        var (q, k, v, s0) = LightningInputs(c, 71);
+        var decay = c.Decay.Select(f => (double)f).ToArray();
+        var (eo, _) = ReferenceAttention.LightningForward(q, k, v, decay, c.Causal, s0, x);
+        var (local, _) = ReferenceAttention.LightningForward(q, k, v, decay, c.Causal, null, x);
+        using var tq = Upload(q, x.B, x.Nq, x.H, x.D);
+        using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
+        using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
+        using var ts0 = Upload(s0!, x.B, x.H, x.D, x.Dv);
+        using var to = Stale(x.B, x.Nq, x.H, x.Dv);
+        Backend.LightningForward(tq, tk, tv, c.Decay, c.Causal, null, to, null);
+        AssertClose(local, to, "O with S0 = 0");
+        Backend.LightningInterChunkForward(tq, c.Decay, c.Causal, ts0, to);
+        AssertClose(eo, to, "O local + inter-chunk");
+    }
+
+    [Theory]
+    [MemberData(nameof(LightningCases))]
+    public void LightningInterChunkBackward_AddedToTheLocalGradients_EqualsTheWholeChunk(LightningCase c)
+    {
+        c = c with { WithS0 = true };
+        var x = c.Dims;
+        var (q, k, v, s0) = LightningInputs(c, 81);
+        var decay = c.Decay.Select(f => (double)f).ToArray();
+        var dO = ReferenceAttention.Random((long)x.B * x.Nq * x.H * x.Dv, 85);
+        var dSEnd = ReferenceAttention.Random((long)x.B * x.H * x.D * x.Dv, 86, 0.5);
+        using var tq = Upload(q, x.B, x.Nq, x.H, x.D);
+        using var tk = Upload(k, x.B, x.Nk, x.Hk, x.D);
+        using var tv = Upload(v, x.B, x.Nk, x.Hk, x.Dv);
+        using var ts0 = Upload(s0!, x.B, x.H, x.D, x.Dv);
+        using var tdo = Upload(dO, x.B, x.Nq, x.H, x.Dv);
+        using var tdse = Upload(dSEnd, x.B, x.H, x.D, x.Dv);
+        using var dq = Stale(x.B, x.Nq, x.H, x.D);
+        using var dk = Stale(x.B, x.Nk, x.Hk, x.D);
+        using var dv = Stale(x.B, x.Nk, x.Hk, x.Dv);
+        // Both states.
+        var (edq, edk, edv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, s0, dO, dSEnd, x);
+        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, null, dq, dk, dv, null);
+        Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, tdse, dq, dk, dv);
+        AssertClose(edq, dq, "dQ local + inter-chunk");
+        AssertClose(edk, dk, "dK local + inter-chunk");
+        AssertClose(edv, dv, "dV local + inter-chunk");
+        // Only dS_end (the first chunk of a causal sequence has S0 = 0).
+        var (fdq, fdk, fdv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, null, dO, dSEnd, x);
+        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, null, dq, dk, dv, null);
+        Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, tdse, dq, dk, dv);
+        AssertClose(fdq, dq, "dQ (dS_end only)");
+        AssertClose(fdk, dk, "dK (dS_end only)");
+        AssertClose(fdv, dv, "dV (dS_end only)");
+        // Only S0 (the last chunk has dS_end = 0).
+        var (ldq, ldk, ldv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, s0, dO, null, x);
+        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, null, dq, dk, dv, null);
+        Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, null, dq, dk, dv);
+        AssertClose(ldq, dq, "dQ (S0 only)");
+        AssertClose(ldk, dk, "dK (S0 only)");
+        AssertClose(ldv, dv, "dV (S0 only)");
+    }
+
+    [Fact]
+    public void LightningInterChunkForward_StateOfTheWrongShape_NamesS0()
+    {
+        using var q = Backend.Allocate(1, 8, 4, 16);
+        using var o = Backend.Allocate(1, 8, 4, 16);
+        using var s0 = Backend.Allocate(1, 4, 16, 8);
+        var e = Assert.ThrowsAny<ArgumentException>(() => Backend.LightningInterChunkForward(q, [1f, 1f, 1f, 1f], true, s0, o));
+        Assert.Equal("s0", e.ParamName);
+    }
+}
