@@ -47,30 +47,35 @@ public abstract partial class KernelBackendContract
         using var ts0 = Upload(s0!, x.B, x.H, x.D, x.Dv);
         using var tdo = Upload(dO, x.B, x.Nq, x.H, x.Dv);
         using var tdse = Upload(dSEnd, x.B, x.H, x.D, x.Dv);
-        using var dq = Stale(x.B, x.Nq, x.H, x.D);
-        using var dk = Stale(x.B, x.Nk, x.Hk, x.D);
-        using var dv = Stale(x.B, x.Nk, x.Hk, x.Dv);
-        // Both states.
-        var (edq, edk, edv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, s0, dO, dSEnd, x);
-        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, null, dq, dk, dv, null);
-        Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, tdse, dq, dk, dv);
-        AssertClose(edq, dq, "dQ local + inter-chunk");
-        AssertClose(edk, dk, "dK local + inter-chunk");
-        AssertClose(edv, dv, "dV local + inter-chunk");
-        // Only dS_end (the first chunk of a causal sequence has S0 = 0).
-        var (fdq, fdk, fdv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, null, dO, dSEnd, x);
-        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, null, dq, dk, dv, null);
-        Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, tdse, dq, dk, dv);
-        AssertClose(fdq, dq, "dQ (dS_end only)");
-        AssertClose(fdk, dk, "dK (dS_end only)");
-        AssertClose(fdv, dv, "dV (dS_end only)");
-        // Only S0 (the last chunk has dS_end = 0).
-        var (ldq, ldk, ldv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, s0, dO, null, x);
-        Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, null, dq, dk, dv, null);
-        Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, null, dq, dk, dv);
-        AssertClose(ldq, dq, "dQ (S0 only)");
-        AssertClose(ldk, dk, "dK (S0 only)");
-        AssertClose(ldv, dv, "dV (S0 only)");
+        // The backend's local gradients (S0 = 0, dS_end = 0), checked, then each variant's inter-chunk terms are
+        // added to the reference's local gradients (uploaded), so the slow backends run the local pass once.
+        var (qdq, qdk, qdv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, null, dO, null, x);
+        using (var ldq0 = Stale(x.B, x.Nq, x.H, x.D))
+        using (var ldk0 = Stale(x.B, x.Nk, x.Hk, x.D))
+        using (var ldv0 = Stale(x.B, x.Nk, x.Hk, x.Dv))
+        {
+            Backend.LightningBackward(tq, tk, tv, c.Decay, c.Causal, null, tdo, null, ldq0, ldk0, ldv0, null);
+            AssertClose(qdq, ldq0, "dQ local");
+            AssertClose(qdk, ldk0, "dK local");
+            AssertClose(qdv, ldv0, "dV local");
+            Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, ts0, tdo, tdse, ldq0, ldk0, ldv0);
+            var (edq, edk, edv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, s0, dO, dSEnd, x);
+            AssertClose(edq, ldq0, "dQ local + inter-chunk");
+            AssertClose(edk, ldk0, "dK local + inter-chunk");
+            AssertClose(edv, ldv0, "dV local + inter-chunk");
+        }
+        foreach (var (withS0, withEnd, what) in new[] { (false, true, "dS_end only"), (true, false, "S0 only") })
+        {
+            // The first chunk of a causal sequence has S0 = 0; the last has dS_end = 0.
+            var (edq, edk, edv, _) = ReferenceAttention.LightningBackward(q, k, v, decay, c.Causal, withS0 ? s0 : null, dO, withEnd ? dSEnd : null, x);
+            using var dq = Upload(qdq, x.B, x.Nq, x.H, x.D);
+            using var dk = Upload(qdk, x.B, x.Nk, x.Hk, x.D);
+            using var dv = Upload(qdv, x.B, x.Nk, x.Hk, x.Dv);
+            Backend.LightningInterChunkBackward(tq, tk, tv, c.Decay, c.Causal, withS0 ? ts0 : null, tdo, withEnd ? tdse : null, dq, dk, dv);
+            AssertClose(edq, dq, $"dQ ({what})");
+            AssertClose(edk, dk, $"dK ({what})");
+            AssertClose(edv, dv, $"dV ({what})");
+        }
     }
 
     [Fact]
