@@ -36,7 +36,8 @@ public sealed class LinkStatistics
     private double _comm, _waited;
     private long _collectives;
 
-    /// <summary>Milliseconds from each collective's start to its completion, summed.</summary>
+    /// <summary>Milliseconds of communication, summed over collectives: each one's time on the link, or the time
+    /// the rank waited for it when that was longer (a blocking collective is all waiting).</summary>
     public double CommunicationMs { get { lock (_lock) return _comm; } }
 
     /// <summary>Milliseconds the rank spent blocked in collectives or in <see cref="CommRequest.Wait"/>, summed.</summary>
@@ -201,7 +202,7 @@ public sealed class EmulatedLinkCommunicator : ICommunicator
     private long Deadline(long t0, double receivedBytes) =>
         Size > 1 ? t0 + (long)(Link.TimeFor(receivedBytes).TotalSeconds * Stopwatch.Frequency) : t0;
 
-    /// <summary>A blocking collective: the whole of it is waited for.</summary>
+    /// <summary>A blocking collective: the whole of it is waited for, so none of it is hidden.</summary>
     private void Blocking(long t0, double receivedBytes)
     {
         SleepUntil(Deadline(t0, receivedBytes));
@@ -221,24 +222,22 @@ public sealed class EmulatedLinkCommunicator : ICommunicator
         }
     }
 
-    /// <summary>A started collective on the link: completes at max(link deadline, the inner operation's completion).</summary>
+    /// <summary>
+    /// A started collective on the link. Its communication time is the link's time for it; the rank waited
+    /// from calling Wait until both the inner operation and the link's deadline were done. Waiting for a
+    /// slower peer (load imbalance) therefore counts as waited, never as hidden.
+    /// </summary>
     private sealed class LinkRequest(EmulatedLinkCommunicator owner, CommRequest inner, long started, double receivedBytes) : CommRequest
     {
-        // Below this the inner wait did not block: the transfer had finished before the rank came to wait.
-        private static readonly long BlockedThreshold = Stopwatch.Frequency / 20_000;   // 50 µs
-
         public override void Wait()
         {
             long w0 = Stopwatch.GetTimestamp();
             inner.Wait();
-            long innerDone = Stopwatch.GetTimestamp();
             long deadline = owner.Deadline(started, receivedBytes);
-            // When the inner wait blocked, the transfer finished when it returned; otherwise it finished no
-            // later than the wait began, and the link's deadline bounds it from below.
-            long completed = innerDone - w0 > BlockedThreshold ? Math.Max(deadline, innerDone) : deadline;
             SleepUntil(deadline);
-            long end = Stopwatch.GetTimestamp();
-            owner.Statistics.Add((completed - started) * 1000.0 / Stopwatch.Frequency, (end - w0) * 1000.0 / Stopwatch.Frequency);
+            double waited = Stopwatch.GetElapsedTime(w0).TotalMilliseconds;
+            double link = (deadline - started) * 1000.0 / Stopwatch.Frequency;
+            owner.Statistics.Add(Math.Max(link, waited), waited);
         }
     }
 }
