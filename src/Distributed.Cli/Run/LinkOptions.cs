@@ -40,7 +40,7 @@ internal sealed class LinkOptions
     {
         double? gbps = parse.GetValue(_bandwidth);
         double latency = parse.GetValue(_latency);
-        if (gbps is null && parse.GetResult(_latency) is not null)
+        if (gbps is null && parse.GetResult(_latency) is { Implicit: false })
             return (null, "--link-latency needs --link-bandwidth (e.g. --link-bandwidth 10 --link-latency 5).");
         EmulatedLink? link = null;
         if (gbps is not null)
