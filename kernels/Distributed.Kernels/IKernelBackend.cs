@@ -97,6 +97,25 @@ public interface IKernelBackend : IDisposable
 
     /// <summary>Blocks until all queued work on the device has finished (no-op on the CPU).</summary>
     void Synchronize();
+
+    /// <summary>
+    /// The inter-chunk half of <see cref="LightningForward"/>: adds the incoming state's term to an output that
+    /// was computed with <c>s0 = null</c>. Causal: <c>o_i += λ^(i+1) q_i S0</c> (i the row within the chunk);
+    /// non-causal: <c>O += Q S0</c>. Splitting lets the intra-chunk part run before S0 is known (LASP-2 computes
+    /// it while the state all-gather is in flight). Q <c>[B,N,H,D]</c>, S0 <c>[B,H,D,Dv]</c>, O <c>[B,N,H,Dv]</c>.
+    /// </summary>
+    void LightningInterChunkForward(DeviceTensor q, ReadOnlySpan<float> decay, bool causal, DeviceTensor s0, DeviceTensor o);
+
+    /// <summary>
+    /// The inter-chunk half of <see cref="LightningBackward"/>: adds to gradients that were computed with
+    /// <c>s0 = null</c> and <c>dSEnd = null</c> the terms that need the incoming state and the outgoing state's
+    /// gradient. Causal: <c>dq_i += λ^(i+1) dO_i S0ᵀ</c>, <c>dk_j += λ^(N−1−j) dS_end v_j</c>,
+    /// <c>dv_j += λ^(N−1−j) dS_endᵀ k_j</c> (weights 1 when not causal); dK and dV sum over the query heads that
+    /// share a KV head. Either state may be null (its terms are skipped). Shapes as in
+    /// <see cref="LightningBackward"/>.
+    /// </summary>
+    void LightningInterChunkBackward(DeviceTensor q, DeviceTensor k, DeviceTensor v, ReadOnlySpan<float> decay, bool causal,
+        DeviceTensor? s0, DeviceTensor dO, DeviceTensor? dSEnd, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV);
 }
 
 /// <summary>Options of the softmax block operations.</summary>

@@ -80,6 +80,12 @@ public sealed record SequenceParallelOptions
 
     /// <summary>Hybrid softmax: the sequence scheme across head groups (lightning always uses LASP-2).</summary>
     public ParallelScheme HybridSequenceScheme { get; init; } = ParallelScheme.AllGather;
+
+    /// <summary>
+    /// Hide communication behind compute where the scheme can: LASP-2 starts its state all-gather and computes
+    /// the intra-chunk part while it is in flight. False keeps the blocking path (for comparison and debugging).
+    /// </summary>
+    public bool Overlap { get; init; } = true;
 }
 
 /// <summary>Milliseconds spent computing (kernels, synchronised) and communicating (collectives and staging).</summary>

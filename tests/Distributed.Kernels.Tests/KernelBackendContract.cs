@@ -12,7 +12,7 @@ namespace Distributed.Kernels.Tests;
 /// run once per backend by a subclass (fast backends add the large cases by calling the Check methods).
 /// Relative error = max|a − b| / max(max|b|, 0.01) ≤ 1e-4 (see <see cref="ReferenceAttention.RelativeError"/>).
 /// </summary>
-public abstract class KernelBackendContract : IDisposable
+public abstract partial class KernelBackendContract : IDisposable
 {
     protected const double Tolerance = 1e-4;
     private IKernelBackend? _backend;

@@ -235,6 +235,90 @@ public sealed class ReferenceBackend : IKernelBackend
     }
 
     /// <inheritdoc/>
+    public void LightningInterChunkForward(DeviceTensor q, ReadOnlySpan<float> decay, bool causal, DeviceTensor s0, DeviceTensor o)
+    {
+        var hq = Host(q, nameof(q));
+        if (q.Shape.Count != 4) throw new ArgumentException($"q is {q} but must be 4-D [B, N, H, D].", nameof(q));
+        int b = q.Shape[0], n = q.Shape[1], h = q.Shape[2], d = q.Shape[3];
+        var ho = Host(o, nameof(o));
+        if (o.Shape.Count != 4) throw new ArgumentException($"o is {o} but must be [B, N, H, Dv].", nameof(o));
+        int dv = o.Shape[3];
+        Expect(o, nameof(o), b, n, h, dv);
+        Expect(s0, nameof(s0), b, h, d, dv);
+        AttentionDims.CheckDecay(decay, h);
+        double[] rq = hq.ToDouble(), rs = Host(s0, nameof(s0)).ToDouble(), ro = ho.ToDouble(), lam = ToDouble(decay);
+        for (int bb = 0; bb < b; bb++)
+            for (int i = 0; i < n; i++)
+                for (int hh = 0; hh < h; hh++)
+                {
+                    double w = causal ? Math.Pow(lam[hh], i + 1) : 1.0;
+                    for (int c = 0; c < dv; c++)
+                    {
+                        double s = 0;
+                        for (int x = 0; x < d; x++) s += rq[((long)(bb * n + i) * h + hh) * d + x] * rs[((long)(bb * h + hh) * d + x) * dv + c];
+                        ro[((long)(bb * n + i) * h + hh) * dv + c] += w * s;
+                    }
+                }
+        ho.Store(ro);
+    }
+
+    /// <inheritdoc/>
+    public void LightningInterChunkBackward(DeviceTensor q, DeviceTensor k, DeviceTensor v, ReadOnlySpan<float> decay, bool causal,
+        DeviceTensor? s0, DeviceTensor dO, DeviceTensor? dSEnd, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    {
+        var (_, hk, hv) = Chunk(q, k, v, decay, out var x, out var lam);
+        if (s0 is not null) Expect(s0, nameof(s0), x.B, x.H, x.D, x.Dv);
+        Expect(dO, nameof(dO), x.B, x.Nq, x.H, x.Dv);
+        if (dSEnd is not null) Expect(dSEnd, nameof(dSEnd), x.B, x.H, x.D, x.Dv);
+        Expect(dQ, nameof(dQ), x.B, x.Nq, x.H, x.D);
+        Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
+        Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
+        int n = x.Nq, heads = x.H, kvHeads = x.Hk, d = x.D, dv = x.Dv, group = heads / kvHeads;
+        double Weight(int h, int power) => causal ? Math.Pow(lam[h], power) : 1.0;
+        if (s0 is not null)
+        {
+            double[] g = Host(dO, nameof(dO)).ToDouble(), s = Host(s0, nameof(s0)).ToDouble(), rq = Host(dQ, nameof(dQ)).ToDouble();
+            for (int b = 0; b < x.B; b++)
+                for (int i = 0; i < n; i++)
+                    for (int h = 0; h < heads; h++)
+                        for (int c = 0; c < d; c++)
+                        {
+                            double sum = 0;
+                            for (int e = 0; e < dv; e++) sum += g[((long)(b * n + i) * heads + h) * dv + e] * s[((long)(b * heads + h) * d + c) * dv + e];
+                            rq[((long)(b * n + i) * heads + h) * d + c] += Weight(h, i + 1) * sum;
+                        }
+            Host(dQ, nameof(dQ)).Store(rq);
+        }
+        if (dSEnd is not null)
+        {
+            double[] es = Host(dSEnd, nameof(dSEnd)).ToDouble(), kk = hk.ToDouble(), vv = hv.ToDouble();
+            double[] rk = Host(dK, nameof(dK)).ToDouble(), rv = Host(dV, nameof(dV)).ToDouble();
+            for (int b = 0; b < x.B; b++)
+                for (int j = 0; j < n; j++)
+                    for (int h = 0; h < heads; h++)
+                    {
+                        int kh = h / group;
+                        double w = Weight(h, n - 1 - j);
+                        long row = (long)(b * n + j) * kvHeads + kh, state = (long)(b * heads + h) * d * dv;
+                        for (int c = 0; c < d; c++)
+                        {
+                            double sum = 0;
+                            for (int e = 0; e < dv; e++) sum += es[state + (long)c * dv + e] * vv[row * dv + e];
+                            rk[row * d + c] += w * sum;
+                        }
+                        for (int e = 0; e < dv; e++)
+                        {
+                            double sum = 0;
+                            for (int c = 0; c < d; c++) sum += es[state + (long)c * dv + e] * kk[row * d + c];
+                            rv[row * dv + e] += w * sum;
+                        }
+                    }
+            Host(dK, nameof(dK)).Store(rk);
+            Host(dV, nameof(dV)).Store(rv);
+        }
+    }
+
+    /// <inheritdoc/>
     public void Synchronize() { }
 
     /// <inheritdoc/>

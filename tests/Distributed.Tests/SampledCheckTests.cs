@@ -29,6 +29,9 @@ public sealed class SampledCheckTests
             inner.LightningBackward(q, k, v, decay, causal, s0, dO, dSEnd, dQ, dK, dV, dS0);
         public void LightningChunkState(DeviceTensor k, DeviceTensor v, ReadOnlySpan<float> decay, bool causal, DeviceTensor m) => inner.LightningChunkState(k, v, decay, causal, m);
         public void LightningChunkStateBackward(DeviceTensor q, DeviceTensor dO, ReadOnlySpan<float> decay, bool causal, DeviceTensor dM) => inner.LightningChunkStateBackward(q, dO, decay, causal, dM);
+        public void LightningInterChunkForward(DeviceTensor q, ReadOnlySpan<float> decay, bool causal, DeviceTensor s0, DeviceTensor o) => inner.LightningInterChunkForward(q, decay, causal, s0, o);
+        public void LightningInterChunkBackward(DeviceTensor q, DeviceTensor k, DeviceTensor v, ReadOnlySpan<float> decay, bool causal, DeviceTensor? s0, DeviceTensor dO, DeviceTensor? dSEnd, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV) =>
+            inner.LightningInterChunkBackward(q, k, v, decay, causal, s0, dO, dSEnd, dQ, dK, dV);
         public void Synchronize() => inner.Synchronize();
         public void Dispose() => inner.Dispose();
 

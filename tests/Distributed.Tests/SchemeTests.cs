@@ -18,7 +18,7 @@ public sealed class SchemeTests(ITestOutputHelper output)
     private const double Tolerance = 1e-4;
 
     public sealed record Case(string Name, AttentionKind Attention, ParallelScheme Scheme, bool Causal, ShardLayout? Layout, float[]? Decay,
-        int N = 100, int H = 4, int Hk = 2, int D = 16, int Dv = 24, int B = 1, int Ph = 0, ParallelScheme Across = ParallelScheme.AllGather, long Piece = 0)
+        int N = 100, int H = 4, int Hk = 2, int D = 16, int Dv = 24, int B = 1, int Ph = 0, ParallelScheme Across = ParallelScheme.AllGather, long Piece = 0, bool Overlap = true)
     {
         public override string ToString() => Name;
     }
@@ -31,6 +31,8 @@ public sealed class SchemeTests(ITestOutputHelper output)
         new("lasp2 causal zigzag per-head λ, B=2, MHA", AttentionKind.Lightning, ParallelScheme.Lasp2, true, ShardLayout.Zigzag, [1f, 0.99f, 0.9f, 0.5f], Hk: 4, B: 2),
         new("lasp2 non-causal", AttentionKind.Lightning, ParallelScheme.Lasp2, false, ShardLayout.Contiguous, null),
         new("lasp2 non-causal zigzag GQA 4/1", AttentionKind.Lightning, ParallelScheme.Lasp2, false, ShardLayout.Zigzag, null, Hk: 1),
+        new("lasp2 causal zigzag per-head λ, no overlap", AttentionKind.Lightning, ParallelScheme.Lasp2, true, ShardLayout.Zigzag, [1f, 0.99f, 0.9f, 0.5f], Overlap: false),
+        new("lasp2 non-causal GQA 4/1, no overlap", AttentionKind.Lightning, ParallelScheme.Lasp2, false, ShardLayout.Contiguous, null, Hk: 1, Overlap: false),
         new("allgather causal zigzag", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Zigzag, null),
         new("allgather causal contiguous B=2", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Contiguous, null, B: 2),
         new("allgather causal zigzag B=2, staged in 500-float pieces", AttentionKind.Softmax, ParallelScheme.AllGather, true, ShardLayout.Zigzag, null, B: 2, Piece: 500),
@@ -38,6 +40,7 @@ public sealed class SchemeTests(ITestOutputHelper output)
         new("ring causal zigzag", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Zigzag, null),
         new("ring causal contiguous B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Contiguous, null, Hk: 1, B: 2),
         new("ring non-causal", AttentionKind.Softmax, ParallelScheme.Ring, false, null, null),
+        new("ring causal zigzag, no overlap", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Zigzag, null, Overlap: false),
         new("partial causal", AttentionKind.Softmax, ParallelScheme.Partial, true, null, null),
         new("partial causal zigzag B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Partial, true, ShardLayout.Zigzag, null, Hk: 1, B: 2),
         new("partial non-causal", AttentionKind.Softmax, ParallelScheme.Partial, false, null, null),
@@ -106,13 +109,13 @@ public sealed class SchemeTests(ITestOutputHelper output)
 
     internal sealed record Global(float[] O, float[] DQ, float[] DK, float[] DV);
 
-    private static Global RunDistributed(Case c, int ranks, double[] q, double[] k, double[] v, double[] dO)
+    internal static Global RunDistributed(Case c, int ranks, double[] q, double[] k, double[] v, double[] dO)
     {
         var shape = new AttentionShape(c.B, c.N, c.H, c.Hk, c.D, c.Dv);
         var options = new SequenceParallelOptions
         {
             Attention = c.Attention, Scheme = c.Scheme, Causal = c.Causal, Layout = c.Layout, Decay = c.Decay,
-            UlyssesDegree = c.Ph, HybridSequenceScheme = c.Across,
+            UlyssesDegree = c.Ph, HybridSequenceScheme = c.Across, Overlap = c.Overlap,
         };
         var global = new Global(new float[o_len(c)], new float[q.Length], new float[k.Length], new float[v.Length]);
         // A small staging piece makes the schemes split their collectives, as they do past 2^26 floats.

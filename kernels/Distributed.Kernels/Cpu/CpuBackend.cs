@@ -7,7 +7,7 @@ namespace Distributed.Kernels.Cpu;
 /// bookkeeping. The softmax forward packs K and V a bounded number of KV heads at a time
 /// (<see cref="PackBudgetFloats"/>), never a second copy of the whole of K and V.
 /// </summary>
-public sealed unsafe class CpuBackend : IKernelBackend
+public sealed unsafe partial class CpuBackend : IKernelBackend
 {
     /// <summary>Creates the backend.</summary>
     /// <param name="threads">Worker threads; 0 means <see cref="Environment.ProcessorCount"/>.</param>

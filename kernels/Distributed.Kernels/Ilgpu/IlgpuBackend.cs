@@ -12,7 +12,7 @@ namespace Distributed.Kernels.Ilgpu;
 /// kernel runs on the accelerator's default stream, so operations are ordered without host syncs.
 /// </summary>
 /// <remarks>Head dims of the softmax operations are limited to <c>D, Dv ≤ 128</c> (the shared tiles).</remarks>
-public sealed class IlgpuBackend : IKernelBackend
+public sealed partial class IlgpuBackend : IKernelBackend
 {
     private readonly Context _context;
     private readonly Accelerator _accelerator;

@@ -66,6 +66,7 @@ internal static class RunCommand
             hybridScheme, backward, backend, device, seed, iterations, check, checkRows, tolerance, json, noProgress,
             qFile, kFile, vFile, doutFile, outFile, lseFile, gradsPrefix, controlPlane, hangTimeout, coordinatorBind, failRank, failAt,
         };
+        var linkOptions = LinkOptions.AddTo(command);
         command.SetAction(parse =>
         {
             string? att = parse.GetValue(attention), sch = parse.GetValue(scheme);
@@ -117,7 +118,9 @@ internal static class RunCommand
                 HangTimeout = parse.GetValue(hangTimeout),
                 CoordinatorBind = parse.GetValue(coordinatorBind)!,
             };
-            return RunExecution.Execute(settings, given, representative);
+            var (linked, linkError) = linkOptions.Apply(parse, settings);
+            if (linked is null) return RunExecution.Refuse(linkError!);
+            return RunExecution.Execute(linked, given, representative);
         });
         return command;
     }

@@ -7,8 +7,12 @@ namespace Distributed.Cli.Run;
 
 /// <summary>What one rank measured for one job.</summary>
 internal sealed record RankMeasurement(int Rank, long LocalTokens, double ForwardMs, double BackwardMs, double ComputeMs,
-    double CommunicationMs, double BytesSentPerStep, double BytesReceivedPerStep, double PeakBytes)
+    double CommunicationMs, double BytesSentPerStep, double BytesReceivedPerStep, double PeakBytes,
+    double LinkCommunicationMs = 0, double LinkWaitedMs = 0)
 {
+    /// <summary>With an emulated link: the share of the communication time not waited for (hidden behind compute).</summary>
+    public double HiddenFraction => LinkCommunicationMs > 0 ? Math.Clamp((LinkCommunicationMs - LinkWaitedMs) / LinkCommunicationMs, 0, 1) : 0;
+
     /// <summary>GFLOP/s of this rank: its share (1/P) of the job's FLOPs over its forward + backward time.</summary>
     public double Gflops(double jobFlops, int ranks) => ForwardMs + BackwardMs > 0 ? jobFlops / ranks / ((ForwardMs + BackwardMs) * 1e6) : 0;
 }
@@ -40,7 +44,9 @@ internal static class RankJob
         var total = Stopwatch.StartNew();
         int B = shape.Batch, N = shape.SeqLen, H = shape.Heads, Hk = shape.KvHeads, D = shape.HeadDim, Dv = shape.ValueDim;
         float[]? decay = spec.Attention == AttentionKind.Lightning ? RunSettings.ParseDecay(spec.DecaySpec, H) : null;
-        using var attention = new SequenceParallelAttention(comm, backend, shape, Options(spec, s));
+        // With --link-bandwidth the scheme talks through the emulated link; everything else uses the real one.
+        using var link = s.Link is null ? null : new EmulatedLinkCommunicator(comm, s.Link);
+        using var attention = new SequenceParallelAttention((ICommunicator?)link ?? comm, backend, shape, Options(spec, s));
         var ranges = attention.LocalTokenRanges;
         int nloc = attention.LocalTokens;
         using var inputs = RunInputs.Open(s, spec, shape);
@@ -67,6 +73,7 @@ internal static class RankJob
 
         comm.Barrier();
         attention.ResetTimings();
+        link?.Statistics.Reset();
         var before = comm.Counters.Snapshot();
         double forwardMs = 0, backwardMs = 0;
         progress.Phase(s.Iterations > 1 ? $"{s.Iterations} steps" : s.Backward ? "forward + backward" : "forward", s.Iterations * (s.Backward ? 3.5 : 1));
@@ -87,6 +94,7 @@ internal static class RankJob
             }
         }
         var after = comm.Counters.Snapshot();
+        double linkCommMs = link?.Statistics.CommunicationMs ?? 0, linkWaitedMs = link?.Statistics.WaitedMs ?? 0;
         double sent = 0, received = 0;
         foreach (var (op, c) in after)
         {
@@ -119,7 +127,7 @@ internal static class RankJob
         var timings = attention.Timings;
         int iters = s.Iterations;
         var mine = new RankMeasurement(comm.Rank, nloc, forwardMs / iters, backwardMs / iters, timings.ComputeMs / iters,
-            timings.CommunicationMs / iters, sent / iters, received / iters, PeakMemory.ProcessPeakBytes());
+            timings.CommunicationMs / iters, sent / iters, received / iters, PeakMemory.ProcessPeakBytes(), linkCommMs / iters, linkWaitedMs / iters);
         var all = GatherMeasurements(comm, mine);
 
         var checks = new List<CheckResult>();
@@ -155,6 +163,7 @@ internal static class RankJob
         Decay = spec.Attention == AttentionKind.Lightning ? RunSettings.ParseDecay(spec.DecaySpec, s.Heads) : null,
         UlyssesDegree = s.UlyssesDegree,
         HybridSequenceScheme = s.HybridSequenceScheme,
+        Overlap = s.Overlap,
     };
 
     /// <summary>
@@ -175,7 +184,7 @@ internal static class RankJob
     private static List<RankMeasurement> GatherMeasurements(ICommunicator comm, RankMeasurement m)
     {
         // Floats carry 24 bits exactly: large values travel as (high, low) halves.
-        const int Width = 11;
+        const int Width = 13;
         static (float, float) Split(double x) { double hi = Math.Floor(x / 65536.0); return ((float)hi, (float)(x - hi * 65536.0)); }
         var (tokHi, tokLo) = Split(m.LocalTokens);
         var (peakHi, peakLo) = Split(Math.Round(m.PeakBytes / 1024.0));
@@ -183,6 +192,7 @@ internal static class RankJob
         [
             m.Rank, tokHi, tokLo, (float)m.ForwardMs, (float)m.BackwardMs, (float)m.ComputeMs, (float)m.CommunicationMs,
             (float)(m.BytesSentPerStep / 1024.0), (float)(m.BytesReceivedPerStep / 1024.0), peakHi, peakLo,
+            (float)m.LinkCommunicationMs, (float)m.LinkWaitedMs,
         ];
         var all = new float[Width * comm.Size];
         comm.AllGather(mine, all);
@@ -191,7 +201,7 @@ internal static class RankJob
         {
             var x = all.AsSpan(r * Width, Width);
             list.Add(new RankMeasurement((int)x[0], (long)(x[1] * 65536.0 + x[2]), x[3], x[4], x[5], x[6], x[7] * 1024.0, x[8] * 1024.0,
-                (x[9] * 65536.0 + x[10]) * 1024.0));
+                (x[9] * 65536.0 + x[10]) * 1024.0, x[11], x[12]));
         }
         return list;
     }

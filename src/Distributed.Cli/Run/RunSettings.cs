@@ -97,6 +97,10 @@ internal sealed record RunSettings
     public double? HangTimeout { get; init; }
     public string CoordinatorBind { get; init; } = "127.0.0.1";
     public RunFiles Files { get; init; } = new();
+    /// <summary>--link-bandwidth / --link-latency: an emulated slower network; null = the real one.</summary>
+    public Distributed.Cluster.EmulatedLink? Link { get; init; }
+    /// <summary>False with --no-overlap.</summary>
+    public bool Overlap { get; init; } = true;
 
     /// <summary>
     /// Parses <c>--decay</c>: <c>none</c>, <c>auto</c> (TransNormerLLM slopes), one λ for every head, or

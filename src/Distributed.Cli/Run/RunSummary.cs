@@ -20,6 +20,15 @@ internal static class RunSummary
         text.AppendLine(FormattableString.Invariant($"{"rank",4} {"sent/step",12} {"received/step",14} {(inProcess ? "peak RSS (process)" : "peak RSS (rank)"),20}"));
         foreach (var m in r.Ranks)
             text.AppendLine(FormattableString.Invariant($"{m.Rank,4} {Bytes(m.BytesSentPerStep),12} {Bytes(m.BytesReceivedPerStep),14} {Bytes(m.PeakBytes),20}"));
+        if (s.Link is not null)
+        {
+            // The emulated link: how long each rank's collectives were in flight and how much of that it waited.
+            text.AppendLine(FormattableString.Invariant($"emulated link {s.Link.BytesPerSecond / 1e9:G4} GB/s, latency {s.Link.Latency.TotalMicroseconds:G4} us; overlap {(s.Overlap ? "on" : "off")}"));
+            text.AppendLine(FormattableString.Invariant($"{"rank",4} {"link comm ms",12} {"waited ms",10} {"hidden ms",10} {"hidden",7}"));
+            foreach (var m in r.Ranks)
+                text.AppendLine(FormattableString.Invariant($"{m.Rank,4} {m.LinkCommunicationMs,12:F1} {m.LinkWaitedMs,10:F1} {Math.Max(0, m.LinkCommunicationMs - m.LinkWaitedMs),10:F1} {100 * m.HiddenFraction,6:F0}%"));
+            text.AppendLine(FormattableString.Invariant($"communication hidden: {100 * r.Ranks.Min(m => m.HiddenFraction):F0}%"));
+        }
         Console.Write(text.ToString());
         if (r.CheckSkippedReason is not null) Console.WriteLine($"check skipped: {r.CheckSkippedReason}");
         foreach (var c in r.Checks)
@@ -53,7 +62,13 @@ internal static class RunSummary
                 rank = m.Rank, tokens = m.LocalTokens, forwardMs = m.ForwardMs, backwardMs = m.BackwardMs, computeMs = m.ComputeMs,
                 commMs = m.CommunicationMs, gflops = m.Gflops(r.Flops, r.Ranks.Count), bytesSent = m.BytesSentPerStep,
                 bytesReceived = m.BytesReceivedPerStep, peakResidentBytes = m.PeakBytes,
+                linkCommMs = s.Link is null ? (double?)null : m.LinkCommunicationMs,
+                linkWaitedMs = s.Link is null ? (double?)null : m.LinkWaitedMs,
+                hiddenFraction = s.Link is null ? (double?)null : m.HiddenFraction,
             }),
+            overlap = s.Overlap,
+            link = s.Link is null ? null : new { gigabytesPerSecond = s.Link.BytesPerSecond / 1e9, latencyUs = s.Link.Latency.TotalMicroseconds },
+            communicationHidden = s.Link is null ? (double?)null : r.Ranks.Min(m => m.HiddenFraction),
             check = r.CheckMode.ToString().ToLowerInvariant(),
             checks = r.Checks.Select(c => new { tensor = c.Tensor, maxAbsError = c.MaxAbsError, maxAbsReference = c.MaxAbsReference, relativeError = c.RelativeError, compared = c.Compared, nonFinite = c.NonFinite, passed = c.Passed }),
             checkSkipped = r.CheckSkippedReason,

@@ -12,6 +12,10 @@ namespace Distributed.Schemes;
 /// <b>one all-gather</b>, the suffix <c>T_g = dM_g + λ^(L_g) T_(g+1)</c>, and
 /// <c>LightningBackward(chunk, S0 = S_&lt;g, dS_end = T_(g+1))</c>. Non-causal: <c>S0 = Σ_(g'≠g) M_g'</c>
 /// and <c>dS_end = Σ_(g'≠g) dM_g'</c>. Bytes per rank: chunks × B·H·D·Dv floats, whatever N is.
+/// With <see cref="SequenceParallelOptions.Overlap"/> (the default) the all-gather is started right after the
+/// chunk states and the intra-chunk work (S0 = 0, dS_end = 0) runs while it is in flight; the inter-chunk terms
+/// (<see cref="IKernelBackend.LightningInterChunkForward"/>, <see cref="IKernelBackend.LightningInterChunkBackward"/>)
+/// are added after the wait, as the LASP-2 paper designs it.
 /// </summary>
 internal sealed class LaspLinearAttention : IScheme
 {
@@ -20,6 +24,7 @@ internal sealed class LaspLinearAttention : IScheme
     private readonly AttentionShape _shape;
     private readonly PhaseClock _clock;
     private readonly bool _causal;
+    private readonly bool _overlap;
     private readonly float[] _decay;
     private readonly int[] _chunkLength;   // per global chunk
     private readonly int[] _myChunks;      // global chunk index of each local range
@@ -42,6 +47,7 @@ internal sealed class LaspLinearAttention : IScheme
         _shape = shape;
         _clock = clock;
         _causal = options.Causal;
+        _overlap = options.Overlap;
         _decay = options.Decay ?? Enumerable.Repeat(1f, shape.Heads).ToArray();
         int p = comm.Size;
         int chunks = layout == ShardLayout.Zigzag ? 2 * p : p;
@@ -66,6 +72,11 @@ internal sealed class LaspLinearAttention : IScheme
 
     public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
+        if (_overlap)
+        {
+            ForwardOverlapped(q, k, v, o);
+            return;
+        }
         DeviceTensor[] qs = null!, ks = null!, vs = null!, os = null!;
         _clock.Compute(() =>
         {
@@ -92,6 +103,11 @@ internal sealed class LaspLinearAttention : IScheme
     public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
     {
         if (_q is null || _k is null || _v is null) throw new InvalidOperationException("Call Forward before Backward: the backward pass reuses the forward's prefix states.");
+        if (_overlap)
+        {
+            BackwardOverlapped(dO, dQ, dK, dV);
+            return;
+        }
         DeviceTensor[] dOs = null!;
         _clock.Compute(() =>
         {
@@ -116,6 +132,100 @@ internal sealed class LaspLinearAttention : IScheme
         });
     }
 
+    /// <summary>Forward with the all-gather in flight during the intra-chunk outputs (S0 = 0).</summary>
+    private void ForwardOverlapped(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
+    {
+        DeviceTensor[] qs = null!, ks = null!, vs = null!, os = null!;
+        _clock.Compute(() =>
+        {
+            qs = _local.Split("q", q);
+            ks = _local.Split("k", k);
+            vs = _local.Split("v", v);
+            os = _local.Output("o", o);
+            for (int c = 0; c < _myChunks.Length; c++) _backend.LightningChunkState(ks[c], vs[c], _decay, _causal, _states[c]);
+        });
+        var inFlight = StartExchange();
+        _clock.Compute(() =>
+        {
+            for (int c = 0; c < _myChunks.Length; c++) _backend.LightningForward(qs[c], ks[c], vs[c], _decay, _causal, null, os[c], null);
+        });
+        FinishExchange(inFlight);
+        float[][] s0 = _causal ? Prefixes(_byChunk) : AllButOwn(_byChunk);
+        _clock.Compute(() =>
+        {
+            for (int c = 0; c < _myChunks.Length; c++)
+            {
+                _prefix[c].CopyFromHost(s0[c]);
+                _backend.LightningInterChunkForward(qs[c], _decay, _causal, _prefix[c], os[c]);
+            }
+            _local.Join(os, o);
+        });
+        (_q, _k, _v) = (qs, ks, vs);
+    }
+
+    /// <summary>Backward with the all-gather in flight during the local gradients (S0 = 0, dS_end = 0).</summary>
+    private void BackwardOverlapped(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    {
+        DeviceTensor[] dOs = null!;
+        _clock.Compute(() =>
+        {
+            dOs = _local.Split("dO", dO);
+            for (int c = 0; c < _myChunks.Length; c++) _backend.LightningChunkStateBackward(_q![c], dOs[c], _decay, _causal, _states[c]);
+        });
+        var inFlight = StartExchange();
+        DeviceTensor[] dQs = null!, dKs = null!, dVs = null!;
+        _clock.Compute(() =>
+        {
+            dQs = _local.Output("dQ", dQ);
+            dKs = _local.Output("dK", dK);
+            dVs = _local.Output("dV", dV);
+            for (int c = 0; c < _myChunks.Length; c++)
+                _backend.LightningBackward(_q![c], _k![c], _v![c], _decay, _causal, null, dOs[c], null, dQs[c], dKs[c], dVs[c], null);
+        });
+        FinishExchange(inFlight);
+        float[][] dSEnd = _causal ? Suffixes(_byChunk) : AllButOwn(_byChunk);
+        _clock.Compute(() =>
+        {
+            for (int c = 0; c < _myChunks.Length; c++)
+            {
+                _states[c].CopyFromHost(dSEnd[c]);
+                _backend.LightningInterChunkBackward(_q![c], _k![c], _v![c], _decay, _causal, _prefix[c], dOs[c], _states[c], dQs[c], dKs[c], dVs[c]);
+            }
+            _local.Join(dQs, dQ);
+            _local.Join(dKs, dK);
+            _local.Join(dVs, dV);
+        });
+    }
+
+    /// <summary>Stages the local states and starts the one all-gather; the buffers stay untouched until it is finished.</summary>
+    private CommRequest StartExchange()
+    {
+        CommRequest request = null!;
+        _clock.Communicate(() =>
+        {
+            for (int c = 0; c < _myChunks.Length; c++) _states[c].CopyToHost(_send.AsSpan((int)(c * _stateLength), (int)_stateLength));
+            request = _comm.StartAllGather(_send, _gathered);
+        });
+        return request;
+    }
+
+    /// <summary>Waits for the all-gather and files every rank's states by global chunk index.</summary>
+    private void FinishExchange(CommRequest request)
+    {
+        _clock.Communicate(() =>
+        {
+            request.Wait();
+            FileByChunk();
+        });
+    }
+
+    private void FileByChunk()
+    {
+        for (int r = 0; r < _comm.Size; r++)
+            for (int c = 0; c < _rankChunks[r].Length; c++)
+                _gathered.AsSpan((int)((r * _rankChunks[r].Length + c) * _stateLength), (int)_stateLength).CopyTo(_byChunk[_rankChunks[r][c]]);
+    }
+
     /// <summary>The one all-gather: every rank's chunk states, filed by global chunk index.</summary>
     private void ExchangeStates()
     {
@@ -123,9 +233,7 @@ internal sealed class LaspLinearAttention : IScheme
         {
             for (int c = 0; c < _myChunks.Length; c++) _states[c].CopyToHost(_send.AsSpan((int)(c * _stateLength), (int)_stateLength));
             _comm.AllGather(_send, _gathered);
-            for (int r = 0; r < _comm.Size; r++)
-                for (int c = 0; c < _rankChunks[r].Length; c++)
-                    _gathered.AsSpan((int)((r * _rankChunks[r].Length + c) * _stateLength), (int)_stateLength).CopyTo(_byChunk[_rankChunks[r][c]]);
+            FileByChunk();
         });
     }
 

@@ -18,6 +18,7 @@ internal sealed class RingSoftmaxAttention : IScheme
     private readonly AttentionShape _s;
     private readonly PhaseClock _clock;
     private readonly FlashOptions _options;
+    private readonly bool _overlap;
     private readonly IReadOnlyList<(int Start, int Count)>[] _rankRanges;
     private readonly int[] _tokens;
     private readonly LocalChunks _local;
@@ -36,6 +37,7 @@ internal sealed class RingSoftmaxAttention : IScheme
         _s = shape;
         _clock = clock;
         _options = new FlashOptions(0, 0, options.Causal, options.Scale);
+        _overlap = options.Overlap;
         _rankRanges = Sharding.AllRanges(shape.SeqLen, comm.Size, layout);
         _tokens = Sharding.TokenCounts(_rankRanges);
         Ranges = _rankRanges[comm.Rank];
@@ -89,6 +91,8 @@ internal sealed class RingSoftmaxAttention : IScheme
                 {
                     HostBuffer.Grow(ref _next, Message(incoming, false));
                     pending = _comm.StartSendRecv(_current.AsMemory(0, Message(owner, false)), Next, _next.AsMemory(0, Message(incoming, false)), Prev);
+                    // --no-overlap: the next block arrives before this one is used, as a blocking exchange would.
+                    if (!_overlap) pending.Wait();
                 });
             }
             _clock.Compute(() =>
@@ -103,7 +107,7 @@ internal sealed class RingSoftmaxAttention : IScheme
             });
             if (pending is not null)
             {
-                _clock.Communicate(pending.Wait);
+                if (_overlap) _clock.Communicate(pending.Wait);
                 (_current, _next) = (_next, _current);
             }
         }
