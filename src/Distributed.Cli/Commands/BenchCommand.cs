@@ -21,9 +21,10 @@ internal static class BenchCommand
         var iterations = new Option<int>("--iterations") { Description = "Timed repetitions per operation (the fastest is reported).", DefaultValueFactory = _ => 3 };
         var json = new Option<string?>("--json") { Description = "Also write the results as a JSON array of {op, causal, b, h, n, d, ms, gflops}." };
         var ops = new Option<string>("--ops") { Description = "Comma-separated subset of: flash-forward, flash-backward, lightning-forward, lightning-backward.", DefaultValueFactory = _ => "flash-forward,flash-backward,lightning-forward,lightning-backward" };
+        var peak = new Option<double?>("--peak-tflops") { Description = "The device's fp32 peak in TFLOP/s, for the 'of peak' column. Default: looked up from a CUDA device's SMs, compute capability and clock." };
         var kernels = new Command("kernels", "Time every block operation (causal and non-causal) on one device and print GFLOP/s. FLOPs: flash forward 4·B·H·N²·D (half when causal), backward 2.5× forward; lightning forward 2·B·H·N·(C·(D+Dv)/2 + 2·D·Dv) causal with C = 64 the block, 4·B·H·N·D·Dv non-causal; backward 2× forward.")
         {
-            backend, shape, iterations, json, ops,
+            backend, shape, iterations, json, ops, peak,
         };
         kernels.SetAction(parse =>
         {
@@ -51,10 +52,22 @@ internal static class BenchCommand
                 Console.Error.WriteLine($"dsattn bench kernels: --json: the folder '{dir}' does not exist; create it or write elsewhere.");
                 return 2;
             }
+            if (parse.GetValue(peak) is { } given && !(given > 0))
+            {
+                Console.Error.WriteLine($"dsattn bench kernels: --peak-tflops must be positive (got {given.ToString(CultureInfo.InvariantCulture)}), e.g. --peak-tflops 67 for an H100 SXM.");
+                return 2;
+            }
             using var be = KernelBackends.Create(parse.GetValue(backend)!);
             var results = Run(be, b, h, n, d, k, wanted);
+            double? peakTflops = parse.GetValue(peak) ?? Distributed.Kernels.Ilgpu.Fp32Peak.Of(be);
             var table = new Table().Title(Markup.Escape($"{be.Name}: B={b} H={h} N={n} D={d}, best of {k}")).AddColumns("op", "causal", "ms", "GFLOP/s");
-            foreach (var r in results) table.AddRow(r.Op, r.Causal ? "yes" : "no", r.Ms.ToString("F1", CultureInfo.InvariantCulture), r.Gflops.ToString("F1", CultureInfo.InvariantCulture));
+            if (peakTflops is not null) table.AddColumns("TFLOP/s", Markup.Escape($"of fp32 peak ({peakTflops.Value.ToString("F1", CultureInfo.InvariantCulture)})"));
+            foreach (var r in results)
+            {
+                string[] cells = [r.Op, r.Causal ? "yes" : "no", r.Ms.ToString("F1", CultureInfo.InvariantCulture), r.Gflops.ToString("F1", CultureInfo.InvariantCulture)];
+                if (peakTflops is { } p) cells = [.. cells, (r.Gflops / 1e3).ToString("F2", CultureInfo.InvariantCulture), (r.Gflops / 1e3 / p).ToString("P1", CultureInfo.InvariantCulture)];
+                table.AddRow(cells);
+            }
             AnsiConsole.Write(table);
             if (jsonPath is not null)
             {
