@@ -9,6 +9,9 @@ public static class KernelBackends
     /// <summary>The names <see cref="Create"/> accepts.</summary>
     public static IReadOnlyList<string> Names { get; } = ["auto", "cpu", "ilgpu", "ilgpu-cuda", "ilgpu-opencl", "ilgpu-cpu"];
 
+    /// <summary>CUDA devices ILGPU sees on this host; 0 without a GPU or driver.</summary>
+    public static int CudaDeviceCount() => IlgpuBackend.CudaDeviceCount();
+
     /// <summary>
     /// Creates a backend. <c>auto</c>: ILGPU on CUDA when a CUDA device is present, else the vectorized CPU
     /// backend (ILGPU's CPU accelerator is a debugging engine, far slower). <c>ilgpu</c>: ILGPU's best

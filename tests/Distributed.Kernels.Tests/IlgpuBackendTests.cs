@@ -27,6 +27,23 @@ public sealed class IlgpuBackendTests : KernelBackendContract
     [MemberData(nameof(LongChunkLightningCases))]
     public void LightningBackward_LongChunkStrongDecay_MatchesReference(LightningCase c) => CheckLightningBackward(c);
 
+    /// <summary>
+    /// The FlashAttention-2 kernels' own edges beyond the contract's: two 64-row tiles with a tail and the
+    /// upper accumulator half (D, Dv > 64) with Dv ≠ D under GQA (the contract's D = 128 case has Dv = D, H = Hk).
+    /// </summary>
+    public static TheoryData<FlashCase> RegisterTileFlashCases() =>
+    [
+        new FlashCase(1, 70, 70, 2, 1, 128, 96, false),
+    ];
+
+    [Theory]
+    [MemberData(nameof(RegisterTileFlashCases))]
+    public void FlashForward_RegisterTileEdges_MatchesReference(FlashCase c) => CheckFlashForward(c);
+
+    [Theory]
+    [MemberData(nameof(RegisterTileFlashCases))]
+    public void FlashBackward_RegisterTileEdges_MatchesReference(FlashCase c) => CheckFlashBackward(c);
+
     [Fact]
     public void CopySlice_OverlappingWithinOneTensor_MovesTheOriginalRows()
     {

@@ -13,6 +13,15 @@ public sealed class PtxasFactAttribute : FactAttribute
     }
 }
 
+/// <summary>A theory that is skipped, with the reason shown, when ptxas is not on PATH.</summary>
+public sealed class PtxasTheoryAttribute : TheoryAttribute
+{
+    public PtxasTheoryAttribute()
+    {
+        if (PtxAssembler.Find() is null) Skip = PtxAssembler.InstallHint;
+    }
+}
+
 /// <summary>Every ILGPU kernel compiles to PTX without a GPU, and assembles without spills.</summary>
 public sealed class PtxCompilerTests(ITestOutputHelper output)
 {
@@ -63,10 +72,13 @@ public sealed class PtxCompilerTests(ITestOutputHelper output)
         Assert.Equal(new PtxUsage("K", 72, 8, 12, 48, 35328), PtxAssembler.Parse("K", report));
     }
 
-    [PtxasFact]
-    public void Ptxas_EveryKernelForSm90_HasNoSpills()
+    [PtxasTheory]
+    [InlineData("sm_80")]
+    [InlineData("sm_90")]
+    public void Ptxas_EveryKernel_HasNoSpillsAndFitsOnAnSm(string arch)
     {
-        var usages = PtxCompiler.CompileAll("sm_90").Select(PtxAssembler.Assemble).ToList();
+        var kernels = PtxCompiler.CompileAll(arch);
+        var usages = kernels.Select(PtxAssembler.Assemble).ToList();
         foreach (var u in usages) output.WriteLine(u.ToString());
         Assert.Equal(ExpectedKernels.Length, usages.Count);
         Assert.All(usages, u =>
@@ -76,7 +88,39 @@ public sealed class PtxCompilerTests(ITestOutputHelper output)
             Assert.Equal(0, u.SpillLoadBytes);
         });
         // The flash kernels stage tiles in shared memory; zero would mean the tiles were optimized away.
-        Assert.All(usages.Where(u => u.Kernel.StartsWith("Flash", StringComparison.Ordinal)), u => Assert.True(u.SharedMemoryBytes > 0, u.Kernel));
+        // Static shared memory is capped at 48 KB per group.
+        Assert.All(usages.Where(u => u.Kernel.StartsWith("Flash", StringComparison.Ordinal)), u => Assert.InRange(u.SharedMemoryBytes, 1, 48 * 1024));
+        // Their accumulators live in registers: no stack frame (a per-thread array would put one there).
+        Assert.All(usages.Where(u => u.Kernel.StartsWith("Flash", StringComparison.Ordinal)), u => Assert.Equal(0, u.StackFrameBytes));
+        for (int n = 0; n < kernels.Count; n++)
+            Assert.True(PtxOccupancy.GroupsPerSm(arch, usages[n].Registers, usages[n].SharedMemoryBytes, kernels[n].ThreadsPerGroup) >= 1, usages[n].Kernel);
+    }
+
+    [Theory]
+    // 255 registers x 128 threads: 8,192 registers a warp-group of 4 → 8 warps, 2 groups.
+    [InlineData("sm_80", 255, 41216, 128, 2)]
+    // 160 registers (5,120 a warp): 12 warps → 3 groups; shared 40 KB + 1 KB reserved fits 4 on sm_80.
+    [InlineData("sm_80", 160, 40960, 128, 3)]
+    // 64 registers: 32 warps → 8 groups, but 41 KB of shared memory fits only 3 on sm_80 (164 KB) ...
+    [InlineData("sm_80", 64, 41 * 1024, 128, 3)]
+    // ... and 5 on sm_90 (228 KB).
+    [InlineData("sm_90", 64, 41 * 1024, 128, 5)]
+    // 32 registers and no shared memory: the 2,048-thread limit, 8 groups of 256.
+    [InlineData("sm_90", 32, 0, 256, 8)]
+    // 32-thread groups of few registers: the 32-groups-per-SM limit.
+    [InlineData("sm_90", 16, 0, 32, 32)]
+    // 40 registers (1,280 a warp) allow 51 one-warp groups, but 8,320 B of shared memory + 1 KB reserved allow 17.
+    [InlineData("sm_80", 40, 8320, 32, 17)]
+    public void GroupsPerSm_FollowsTheOccupancyRules(string arch, int registers, int shared, int threads, int expected)
+    {
+        Assert.Equal(expected, PtxOccupancy.GroupsPerSm(arch, registers, shared, threads));
+    }
+
+    [Fact]
+    public void GroupsPerSm_UnknownArchitecture_NamesTheParameter()
+    {
+        var e = Assert.Throws<ArgumentException>(() => PtxOccupancy.GroupsPerSm("sm_75", 32, 0, 128));
+        Assert.Equal("architecture", e.ParamName);
     }
 
     private static string KernelMethodName(string name) => name switch

@@ -68,9 +68,9 @@ public sealed partial class IlgpuBackend : IKernelBackend
     /// <summary>ILGPU's CPU accelerator: a debugging engine about 1,000x slower than a GPU; for tests.</summary>
     public static IlgpuBackend CreateCpu()
     {
-        // 8 warps of 4 threads: groups of exactly 32, the width every grouped kernel here uses. Groups narrower
-        // than the simulated multiprocessor made test runs flaky here (wrong results, an aborted host).
-        var context = Context.Create(b => b.CPU(new CPUDevice(4, 8, 1)).EnableAlgorithms());
+        // 4 warps of 32 lanes: the flash kernels need 128-thread groups and 32-lane warps (their shuffles
+        // reduce over lanes 8·rg .. 8·rg + 7 and pass P between them).
+        var context = Context.Create(b => b.CPU(new CPUDevice(32, FlashKernels.GroupSize / 32, 1)).EnableAlgorithms());
         try
         {
             return new IlgpuBackend(context, context.CreateCPUAccelerator(0), "ilgpu-cpu");
@@ -79,6 +79,20 @@ public sealed partial class IlgpuBackend : IKernelBackend
         {
             context.Dispose();
             throw;
+        }
+    }
+
+    /// <summary>CUDA devices ILGPU sees; 0 without a GPU or driver.</summary>
+    public static int CudaDeviceCount()
+    {
+        try
+        {
+            using var context = Context.Create(b => b.Cuda());
+            return context.GetCudaDevices().Count;
+        }
+        catch (Exception)
+        {
+            return 0;
         }
     }
 
@@ -192,8 +206,8 @@ public sealed partial class IlgpuBackend : IKernelBackend
         AttentionDims.Expect(lse, nameof(lse), dims.B, dims.H, dims.Nq);
         if (dims.Nq == 0) return;
         var p = Params(dims, options);
-        int groups = dims.B * dims.H * ((dims.Nq + FlashKernels.TileQ - 1) / FlashKernels.TileQ);
-        _flashForward(new KernelConfig(groups, FlashKernels.TileQ), View(q), View(k), View(v), View(o), View(lse), p);
+        int groups = dims.B * dims.H * ((dims.Nq + FlashKernels.Rows - 1) / FlashKernels.Rows);
+        _flashForward(new KernelConfig(groups, FlashKernels.GroupSize), View(q), View(k), View(v), View(o), View(lse), p);
         AfterLaunch();
     }
 
@@ -225,14 +239,14 @@ public sealed partial class IlgpuBackend : IKernelBackend
         var p = Params(dims, options);
         if (dims.Nq > 0)
         {
-            int groups = dims.B * dims.H * ((dims.Nq + FlashKernels.TileQ - 1) / FlashKernels.TileQ);
-            _flashDq(new KernelConfig(groups, FlashKernels.TileQ), View(q), View(k), View(v), View(lse), View(drow), View(dO), View(dQ), p);
+            int groups = dims.B * dims.H * ((dims.Nq + FlashKernels.Rows - 1) / FlashKernels.Rows);
+            _flashDq(new KernelConfig(groups, FlashKernels.GroupSize), View(q), View(k), View(v), View(lse), View(drow), View(dO), View(dQ), p);
             AfterLaunch();
         }
         if (dims.Nk > 0)
         {
-            int groups = dims.B * dims.Hk * ((dims.Nk + FlashKernels.TileKb - 1) / FlashKernels.TileKb);
-            _flashDkDv(new KernelConfig(groups, FlashKernels.TileKb), View(q), View(k), View(v), View(lse), View(drow), View(dO), View(dK), View(dV), p);
+            int groups = dims.B * dims.Hk * ((dims.Nk + FlashKernels.Rows - 1) / FlashKernels.Rows);
+            _flashDkDv(new KernelConfig(groups, FlashKernels.GroupSize), View(q), View(k), View(v), View(lse), View(drow), View(dO), View(dK), View(dV), p);
             AfterLaunch();
         }
     }

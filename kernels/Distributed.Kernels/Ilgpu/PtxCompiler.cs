@@ -15,7 +15,8 @@ namespace Distributed.Kernels.Ilgpu;
 /// <param name="Architecture">The target, e.g. <c>sm_90</c>.</param>
 /// <param name="EntryName">The <c>.entry</c> name inside <paramref name="Assembly"/>.</param>
 /// <param name="Assembly">The PTX text.</param>
-public sealed record PtxKernel(string Name, string Architecture, string EntryName, string Assembly);
+/// <param name="ThreadsPerGroup">Threads per group the backend launches it with (for the occupancy estimate).</param>
+public sealed record PtxKernel(string Name, string Architecture, string EntryName, string Assembly, int ThreadsPerGroup);
 
 /// <summary>
 /// Compiles every ILGPU kernel of <see cref="IlgpuBackend"/> to PTX with ILGPU's PTX backend. No GPU or
@@ -28,22 +29,22 @@ public static class PtxCompiler
     public static IReadOnlyList<string> Architectures { get; } = ["sm_80", "sm_90"];
 
     /// <summary>Every kernel the backend launches, by short name.</summary>
-    internal static IReadOnlyList<(string Name, MethodInfo Method)> Kernels { get; } =
+    internal static IReadOnlyList<(string Name, MethodInfo Method, int Threads)> Kernels { get; } =
     [
-        ("FlashForward", Method(typeof(FlashKernels), nameof(FlashKernels.Forward))),
-        ("FlashBackwardDq", Method(typeof(FlashKernels), nameof(FlashKernels.BackwardDq))),
-        ("FlashBackwardDkDv", Method(typeof(FlashKernels), nameof(FlashKernels.BackwardDkDv))),
-        ("SoftmaxRowDot", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.RowDot))),
-        ("MergeSoftmax", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.Merge))),
-        ("CopySlice", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.CopySlice))),
-        ("LightningBlockState", Method(typeof(LightningKernels), nameof(LightningKernels.BlockState))),
-        ("LightningBlockGrad", Method(typeof(LightningKernels), nameof(LightningKernels.BlockGrad))),
-        ("LightningScanForward", Method(typeof(LightningKernels), nameof(LightningKernels.ScanForward))),
-        ("LightningScanBackward", Method(typeof(LightningKernels), nameof(LightningKernels.ScanBackward))),
-        ("LightningForward", Method(typeof(LightningKernels), nameof(LightningKernels.Output))),
-        ("LightningGradQ", Method(typeof(LightningKernels), nameof(LightningKernels.GradQ))),
-        ("LightningGradK", Method(typeof(LightningKernels), nameof(LightningKernels.GradK))),
-        ("LightningGradV", Method(typeof(LightningKernels), nameof(LightningKernels.GradV))),
+        ("FlashForward", Method(typeof(FlashKernels), nameof(FlashKernels.Forward)), FlashKernels.GroupSize),
+        ("FlashBackwardDq", Method(typeof(FlashKernels), nameof(FlashKernels.BackwardDq)), FlashKernels.GroupSize),
+        ("FlashBackwardDkDv", Method(typeof(FlashKernels), nameof(FlashKernels.BackwardDkDv)), FlashKernels.GroupSize),
+        ("SoftmaxRowDot", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.RowDot)), ElementwiseKernels.GroupSize),
+        ("MergeSoftmax", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.Merge)), ElementwiseKernels.GroupSize),
+        ("CopySlice", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.CopySlice)), ElementwiseKernels.GroupSize),
+        ("LightningBlockState", Method(typeof(LightningKernels), nameof(LightningKernels.BlockState)), ElementwiseKernels.GroupSize),
+        ("LightningBlockGrad", Method(typeof(LightningKernels), nameof(LightningKernels.BlockGrad)), ElementwiseKernels.GroupSize),
+        ("LightningScanForward", Method(typeof(LightningKernels), nameof(LightningKernels.ScanForward)), ElementwiseKernels.GroupSize),
+        ("LightningScanBackward", Method(typeof(LightningKernels), nameof(LightningKernels.ScanBackward)), ElementwiseKernels.GroupSize),
+        ("LightningForward", Method(typeof(LightningKernels), nameof(LightningKernels.Output)), LightningKernels.GroupRows),
+        ("LightningGradQ", Method(typeof(LightningKernels), nameof(LightningKernels.GradQ)), LightningKernels.GroupRows),
+        ("LightningGradK", Method(typeof(LightningKernels), nameof(LightningKernels.GradK)), LightningKernels.GroupRows),
+        ("LightningGradV", Method(typeof(LightningKernels), nameof(LightningKernels.GradV)), LightningKernels.GroupRows),
     ];
 
     /// <summary>Compiles every kernel for <paramref name="architecture"/> ("sm_80" or "sm_90").</summary>
@@ -54,7 +55,7 @@ public static class PtxCompiler
         using var context = Context.Create(b => b.EnableAlgorithms());
         using var backend = new PTXBackend(context, new CudaCapabilityContext(arch), arch, CudaInstructionSet.ISA_78, null);
         var result = new List<PtxKernel>(Kernels.Count);
-        foreach (var (name, method) in Kernels)
+        foreach (var (name, method, threads) in Kernels)
         {
             var entry = EntryPointDescription.FromExplicitlyGroupedKernel(method);
             var compiled = (PTXCompiledKernel)backend.Compile(entry, new KernelSpecialization());
@@ -62,7 +63,7 @@ public static class PtxCompiler
             var match = Regex.Match(text, @"\.entry\s+([A-Za-z_$][\w$]*)");
             if (!match.Success)
                 throw new InvalidOperationException($"The PTX of {name} has no .entry directive.");
-            result.Add(new PtxKernel(name, architecture, match.Groups[1].Value, text));
+            result.Add(new PtxKernel(name, architecture, match.Groups[1].Value, text, threads));
         }
         return result;
     }
@@ -166,4 +167,50 @@ public static class PtxAssembler
             Read(@"(\d+) bytes stack frame"),
             Read(@"(\d+) bytes smem"));
     }
+}
+
+/// <summary>
+/// Groups per SM that fit at once, from a kernel's registers, static shared memory and threads per group,
+/// by the rules of NVIDIA's occupancy calculator (CUDA C Programming Guide, "Compute Capabilities").
+/// </summary>
+public static class PtxOccupancy
+{
+    /// <summary>Per-SM limits of one architecture.</summary>
+    private sealed record Limits(int Registers, int Threads, int Groups, int SharedBytes, int ReservedSharedPerGroup);
+
+    // sm_80 (A100): 64K registers, 2,048 threads, 32 groups, 164 KB of shared memory per SM;
+    // sm_90 (H100): the same but 228 KB. Both reserve 1 KB of shared memory per group.
+    private static Limits For(string architecture) => architecture switch
+    {
+        "sm_80" => new Limits(65_536, 2_048, 32, 164 * 1024, 1024),
+        "sm_90" => new Limits(65_536, 2_048, 32, 228 * 1024, 1024),
+        _ => throw new ArgumentException($"Unknown architecture '{architecture}'; use sm_80 or sm_90.", nameof(architecture)),
+    };
+
+    /// <summary>Groups of <paramref name="threadsPerGroup"/> threads that fit on one SM of <paramref name="architecture"/>.</summary>
+    /// <param name="architecture">sm_80 or sm_90.</param>
+    /// <param name="registers">Registers per thread (ptxas).</param>
+    /// <param name="sharedBytes">Static shared memory per group in bytes (ptxas).</param>
+    /// <param name="threadsPerGroup">Threads per group at launch.</param>
+    /// <exception cref="ArgumentException">An unknown architecture, or a count out of range.</exception>
+    public static int GroupsPerSm(string architecture, int registers, int sharedBytes, int threadsPerGroup)
+    {
+        var l = For(architecture);
+        ArgumentOutOfRangeException.ThrowIfLessThan(registers, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(sharedBytes);
+        ArgumentOutOfRangeException.ThrowIfLessThan(threadsPerGroup, 1);
+        int warps = (threadsPerGroup + 31) / 32;
+        // Registers are given out per warp in units of 256.
+        int registersPerWarp = (registers * 32 + 255) / 256 * 256;
+        int byRegisters = l.Registers / registersPerWarp / warps;
+        int byThreads = l.Threads / (warps * 32);
+        // Shared memory is given out in units of 128 bytes.
+        int sharedPerGroup = (sharedBytes + 127) / 128 * 128 + l.ReservedSharedPerGroup;
+        int byShared = l.SharedBytes / sharedPerGroup;
+        return Math.Min(Math.Min(byRegisters, byThreads), Math.Min(byShared, l.Groups));
+    }
+
+    /// <summary>Resident warps as a fraction of the SM's 64.</summary>
+    public static double WarpOccupancy(int groupsPerSm, int threadsPerGroup) =>
+        Math.Min(1.0, groupsPerSm * ((threadsPerGroup + 31) / 32) / 64.0);
 }

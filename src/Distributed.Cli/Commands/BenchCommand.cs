@@ -42,10 +42,11 @@ internal static class BenchCommand
         var isa = new Option<string>("--isa") { Description = "CPU backend vector path: auto, avx512, avx2 or scalar.", DefaultValueFactory = _ => "auto" };
         isa.AcceptOnlyFromAmong(["auto", .. CpuBackend.IsaNames]);
         var markdown = new Option<string?>("--markdown") { Description = "Also write the results as the README's Markdown table (ISA, rounds, same-run GEMM ceiling, spread)." };
+        var peak = new Option<double?>("--peak-tflops") { Description = "The device's fp32 peak in TFLOP/s, for the TFLOP/s and 'of fp32 peak' columns. Default: looked up from a CUDA device's SMs, compute capability and clock (none on the CPU backend)." };
         var decayOpt = new Option<float?>("--decay") { Description = "Lightning decay λ in (0, 1] for every head (default: the ALiBi-style per-head decays of DefaultDecay)." };
         var kernels = new Command("kernels", "Time every block operation (causal and non-causal) on one device and print GFLOP/s. FLOPs: flash forward 4·B·H·N²·D (half when causal), backward 2.5× forward; lightning forward 2·B·H·N·(C·(D+Dv)/2 + 2·D·Dv) causal with C = 64 the block, 4·B·H·N·D·Dv non-causal; backward 2× forward; chunk state and its backward 2·B·H·N·D·Dv; row dot 2·B·N·H·D, merge 3·B·N·H·D; copy-slice moves half the tokens (GB/s only).")
         {
-            backend, shape, iterations, rounds, json, ops, peer, isa, decayOpt, markdown,
+            backend, shape, iterations, rounds, json, ops, peer, isa, decayOpt, markdown, peak,
         };
         kernels.SetAction(parse =>
         {
@@ -77,6 +78,11 @@ internal static class BenchCommand
             if (lambda is { } l && !(l > 0f && l <= 1f))
             {
                 Console.Error.WriteLine($"dsattn bench kernels: --decay must be in (0, 1] (got {l.ToString(CultureInfo.InvariantCulture)}), e.g. --decay 0.9.");
+                return 2;
+            }
+            if (parse.GetValue(peak) is { } given && !(given > 0))
+            {
+                Console.Error.WriteLine($"dsattn bench kernels: --peak-tflops must be positive (got {given.ToString(CultureInfo.InvariantCulture)}), e.g. --peak-tflops 67 for an H100 SXM.");
                 return 2;
             }
             try { CpuBackend.UseIsa(parse.GetValue(isa)!); }
@@ -112,6 +118,14 @@ internal static class BenchCommand
             results.AddRange(theirs.Count > 0 ? Best(theirs) : []);
             string isaName = be.Name == "cpu" ? CpuBackend.Isa : "n/a";
             Print(results, be.Name, isaName, b, h, n, d, k, r);
+            if ((parse.GetValue(peak) ?? Distributed.Kernels.Ilgpu.Fp32Peak.Of(be)) is { } peakTflops)
+            {
+                var table = new Table().Title(Markup.Escape($"{be.Name}: against an fp32 peak of {peakTflops.ToString("F1", CultureInfo.InvariantCulture)} TFLOP/s"))
+                    .AddColumns("op", "causal", "TFLOP/s", "of fp32 peak");
+                foreach (var x in results.Where(x => x.Side == "ours" && x.Gflops > 0))
+                    table.AddRow(x.Op, x.Causal ? "yes" : "no", (x.Gflops / 1e3).ToString("F2", CultureInfo.InvariantCulture), (x.Gflops / 1e3 / peakTflops).ToString("P1", CultureInfo.InvariantCulture));
+                AnsiConsole.Write(table);
+            }
             if (markdownPath is not null) WriteAtomically(markdownPath, Markdown(results, isaName, b, h, n, d, k, r));
             if (jsonPath is not null)
             {

@@ -6,7 +6,7 @@ namespace Distributed.Cli.Commands;
 
 /// <summary>
 /// <c>dsattn ptx [--arch sm_80|sm_90] [--out DIR]</c>: compiles every ILGPU kernel to PTX (no GPU needed),
-/// writes one .ptx per kernel, and with ptxas on PATH prints registers, spills, stack frame and shared memory.
+/// writes one .ptx per kernel, and with ptxas on PATH prints registers, spills, stack frame, shared memory and the estimated occupancy.
 /// </summary>
 internal static class PtxCommand
 {
@@ -43,22 +43,32 @@ internal static class PtxCommand
             return 0;
         }
         var rows = kernels.Select(PtxAssembler.Assemble).ToList();
-        string[] header = ["kernel", "registers", "spill st/ld B", "stack B", "shared B"];
-        var cells = rows.Select(u => new[]
+        string[] header = ["kernel", "threads", "registers", "spill st/ld B", "stack B", "shared B", "occupancy"];
+        var cells = rows.Select((u, n) => new[]
         {
             u.Kernel,
+            kernels[n].ThreadsPerGroup.ToString(CultureInfo.InvariantCulture),
             u.Registers.ToString(CultureInfo.InvariantCulture),
             $"{u.SpillStoreBytes}/{u.SpillLoadBytes}",
             u.StackFrameBytes.ToString(CultureInfo.InvariantCulture),
             u.SharedMemoryBytes.ToString(CultureInfo.InvariantCulture),
+            Occupancy(arch, u, kernels[n].ThreadsPerGroup),
         }).ToList();
         int[] width = [.. Enumerable.Range(0, header.Length).Select(c => Math.Max(header[c].Length, cells.Max(r => r[c].Length)))];
         string Line(string[] r) => string.Join("  ", r.Select((s, c) => c == 0 ? s.PadRight(width[c]) : s.PadLeft(width[c])));
         Console.WriteLine($"ptxas -arch={arch} -v:");
         Console.WriteLine(Line(header));
         foreach (var r in cells) Console.WriteLine(Line(r));
+        Console.WriteLine("occupancy: groups per SM from registers, shared memory and threads (warps resident of 64).");
         int spilling = rows.Count(u => u.SpillStoreBytes + u.SpillLoadBytes > 0);
         if (spilling > 0) Console.WriteLine($"{spilling} kernel(s) spill registers to local memory.");
         return 0;
+    }
+
+    private static string Occupancy(string arch, PtxUsage u, int threads)
+    {
+        int groups = PtxOccupancy.GroupsPerSm(arch, u.Registers, u.SharedMemoryBytes, threads);
+        string warps = PtxOccupancy.WarpOccupancy(groups, threads).ToString("P0", CultureInfo.InvariantCulture).Replace(" %", "%", StringComparison.Ordinal);
+        return $"{groups} ({warps})";
     }
 }

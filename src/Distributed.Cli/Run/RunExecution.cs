@@ -4,6 +4,7 @@ using Distributed.Cluster;
 using Distributed.Cluster.ControlPlane;
 using Distributed.IO;
 using Distributed.Kernels;
+using Distributed.Kernels.Ilgpu;
 
 namespace Distributed.Cli.Run;
 
@@ -62,7 +63,7 @@ internal static class RunExecution
         return RankRunner.Run(launch, s.Ranks, comm =>
         {
             using var plane = controlPlane ? StartControlPlane(comm, s) : null;
-            return RunRank(comm, s, jobs, launch.LocalRank >= 0 ? launch.LocalRank : comm.Rank, threads, representative, backendFactory);
+            return RunRank(comm, s, jobs, launch.LocalRank >= 0 ? launch.LocalRank : comm.Rank, ranksHere, threads, representative, backendFactory);
         }, inProcessLimit);
     }
 
@@ -139,15 +140,21 @@ internal static class RunExecution
         $"B={s.Batch} N={s.SeqLen} H={s.Heads} Hk={s.KvHeads} D={s.HeadDim} Dv={s.ValueDim}";
 
     private static int RunRank(ICommunicator comm, RunSettings s, List<(JobSpec Spec, AttentionShape Shape)> jobs, int localRank,
-        int cpuThreads, bool representative, BackendFactory backendFactory)
+        int localRanks, int cpuThreads, bool representative, BackendFactory backendFactory)
     {
-        int device = s.Device ?? localRank;
-        using var backend = backendFactory(s.Backend, device, cpuThreads);
+        // auto is decided from the host's device count alone, so no job mixes CUDA and CPU ranks.
+        var placement = DevicePlacement.Choose(s.Backend, localRank, localRanks, s.Device, KernelBackends.CudaDeviceCount());
+        int device = placement.Device;
+        using var backend = backendFactory(placement.Backend, device, cpuThreads);
         string where = comm is InProcessCommunicator ? "in-process" : "MPI";
         // Every rank says where it runs; one line per rank, in rank order.
         for (int r = 0; r < comm.Size; r++)
         {
-            if (r == comm.Rank) Console.WriteLine($"rank {comm.Rank}/{comm.Size} ({where}, host {Environment.MachineName}): backend {backend.Name}{(backend.Name.Contains("cuda", StringComparison.Ordinal) ? $" device {device}" : $", {cpuThreads} thread(s)")}");
+            if (r == comm.Rank)
+            {
+                if (placement.Warning is not null) Console.WriteLine(placement.Warning);
+                Console.WriteLine($"rank {comm.Rank}/{comm.Size} ({where}, host {Environment.MachineName}): backend {backend.Name}, device {DeviceName(backend, device, cpuThreads)}");
+            }
             comm.Barrier();
         }
         string jobId = AgreeJobId(comm);
@@ -164,7 +171,7 @@ internal static class RunExecution
                 {
                     void Log(string line) { if (comm.Rank == 0) progress.WriteLine(line); }
                     Log($"{Describe(job, shape)}: forward{(s.Backward ? " + backward" : "")}, {s.Iterations} iteration(s)...");
-                    result = RankJob.Execute(comm, backend, () => backendFactory(s.Backend, device, 0), job, shape, s, outputs, progress, Log);
+                    result = RankJob.Execute(comm, backend, () => backendFactory(placement.Backend, device, 0), job, shape, s, outputs, progress, Log);
                 }
                 results.Add(result);
                 if (comm.Rank == 0) RunSummary.Print(result, s, comm is InProcessCommunicator);
@@ -195,6 +202,10 @@ internal static class RunExecution
             outputs?.Dispose();
         }
     }
+
+    private static string DeviceName(IKernelBackend backend, int device, int cpuThreads) => backend is IlgpuBackend ilgpu
+        ? (ilgpu.Accelerator.AcceleratorType == ILGPU.Runtime.AcceleratorType.Cuda ? $"cuda:{device} " : "") + ilgpu.Accelerator.Name
+        : $"host CPU, {cpuThreads} thread(s)";
 
     /// <summary>A random id for this job's temporary files, drawn on rank 0 and shared with every rank.</summary>
     private static string AgreeJobId(ICommunicator comm)
