@@ -108,6 +108,7 @@ public sealed class SequenceParallelAttention : IDisposable
         var layout = options.Layout ?? DefaultLayout(options);
         CheckFits(shape, options with { Layout = layout }, communicator.Size, communicator is InProcessCommunicator ? communicator.Size : 1,
             checkHostMemory: backend is Distributed.Kernels.Cpu.CpuBackend);
+        InputChecks.AgreeAcrossRanks(communicator, shape, options, layout);
         _clock = new PhaseClock(backend);
         _scheme = options.Scheme switch
         {
@@ -139,6 +140,7 @@ public sealed class SequenceParallelAttention : IDisposable
     /// </summary>
     public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
+        InputChecks.LocalTensors(_shape, LocalTokens, (q, nameof(q), _shape.Heads, _shape.HeadDim), (k, nameof(k), _shape.KvHeads, _shape.HeadDim), (v, nameof(v), _shape.KvHeads, _shape.ValueDim), (o, nameof(o), _shape.Heads, _shape.ValueDim));
         _scheme.Forward(q, k, v, o);
         _forwardRan = true;
     }
@@ -147,7 +149,11 @@ public sealed class SequenceParallelAttention : IDisposable
     /// Backward after <see cref="Forward"/>: given dO <c>[B,Nloc,H,Dv]</c>, writes the gradients of the local
     /// shards dQ <c>[B,Nloc,H,D]</c>, dK <c>[B,Nloc,Hk,D]</c>, dV <c>[B,Nloc,Hk,Dv]</c>. Collective.
     /// </summary>
-    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV) => _scheme.Backward(dO, dQ, dK, dV);
+    public void Backward(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    {
+        InputChecks.LocalTensors(_shape, LocalTokens, (dO, nameof(dO), _shape.Heads, _shape.ValueDim), (dQ, nameof(dQ), _shape.Heads, _shape.HeadDim), (dK, nameof(dK), _shape.KvHeads, _shape.HeadDim), (dV, nameof(dV), _shape.KvHeads, _shape.ValueDim));
+        _scheme.Backward(dO, dQ, dK, dV);
+    }
 
     /// <summary>
     /// Softmax attention: copies the log-sum-exp of the last <see cref="Forward"/> for this rank's query rows,
@@ -237,6 +243,7 @@ public sealed class SequenceParallelAttention : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks), ranks, "At least one rank.");
         Validate(shape, options);
+        InputChecks.Partition(shape, options, options.Layout ?? DefaultLayout(options), ranks);
         var e = MemoryEstimate.For(shape, options, ranks, options.Layout ?? DefaultLayout(options));
         string what = $"{options.Scheme} over {ranks} rank(s) at B={shape.Batch}, N={shape.SeqLen}, H={shape.Heads}, Hk={shape.KvHeads}, D={shape.HeadDim}, Dv={shape.ValueDim}";
         string need = $"needs {Gib(e.TotalBytes)} per rank ({Gib(e.CallerFloats * 4L)} of local q, k, v, o and gradients, {Gib(e.SchemeFloats * 4L)} of scheme tensors, {Gib(e.StagingFloats * 4L)} of host staging)";
@@ -276,6 +283,7 @@ public sealed class SequenceParallelAttention : IDisposable
         }
         else if (o.Scheme == ParallelScheme.Lasp2)
             throw new ArgumentException("LASP-2 is for lightning (linear) attention; softmax attention uses AllGather, Partial, Ring, Ulysses or Hybrid.", "options");
+        InputChecks.Options(s, o);
     }
 }
 
