@@ -58,11 +58,13 @@ public sealed class Hostfile
     }
 
     /// <summary>Parses hostfile text; <paramref name="sourceName"/> appears in error messages.</summary>
-    /// <exception cref="HostfileFormatException">A line is malformed, or there is no host at all.</exception>
+    /// <exception cref="HostfileFormatException">A line is malformed, the slots add up to more than int.MaxValue, or
+    /// there is no host at all.</exception>
     public static Hostfile ParseText(string text, string sourceName)
     {
         ArgumentNullException.ThrowIfNull(text);
         var entries = new List<HostfileEntry>();
+        long total = 0;
         string[] lines = text.Split('\n');
         for (int i = 0; i < lines.Length; i++)
         {
@@ -100,6 +102,9 @@ public sealed class Hostfile
             }
             if (host.Contains(':', StringComparison.Ordinal) || host.Contains('=', StringComparison.Ordinal))
                 throw new HostfileFormatException(sourceName, lineNo, $"'{host}' is not a host name.");
+            total += slots;
+            if (total > int.MaxValue)
+                throw new HostfileFormatException(sourceName, lineNo, $"the slots up to this line add up to {total}, more than the {int.MaxValue} ranks one job can have; give smaller slot counts.");
             entries.Add(new HostfileEntry(host, slots, lineNo));
         }
         if (entries.Count == 0) throw new HostfileFormatException(sourceName, Math.Max(1, lines.Length), "the hostfile names no host.");
