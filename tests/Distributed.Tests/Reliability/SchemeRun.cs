@@ -57,14 +57,22 @@ public sealed record GlobalOutputs(float[] O, float[] DQ, float[] DK, float[] DV
 /// </summary>
 public static class SchemeRun
 {
-    public static GlobalOutputs Run(SchemeCase c, int ranks, GlobalInputs x, Func<IKernelBackend>? backendFactory = null, int steps = 1)
+    public static GlobalOutputs Run(SchemeCase c, int ranks, GlobalInputs x, Func<IKernelBackend>? backendFactory = null, int steps = 1) =>
+        Run(c, ranks, x, backendFactory ?? (() => new CpuBackend(1)), null, steps);
+
+    /// <summary>As <see cref="Run(SchemeCase, int, GlobalInputs, Func{IKernelBackend}?, int)"/>, on backends the caller
+    /// keeps (rank r uses <paramref name="perRank"/>[r], not disposed): backends that compile their kernels on first use
+    /// compile them once for many runs.</summary>
+    public static GlobalOutputs Run(SchemeCase c, GlobalInputs x, IKernelBackend[] perRank) => Run(c, perRank.Length, x, null, perRank, 1);
+
+    private static GlobalOutputs Run(SchemeCase c, int ranks, GlobalInputs x, Func<IKernelBackend>? backendFactory, IKernelBackend[]? perRank, int steps)
     {
         var s = c.Shape;
         var global = new GlobalOutputs(new float[(long)s.Batch * s.SeqLen * s.Heads * s.ValueDim], new float[x.Q.Length], new float[x.K.Length], new float[x.V.Length]);
-        backendFactory ??= () => new CpuBackend(1);
         InProcessCommunicator.Run(ranks, comm =>
         {
-            using var backend = backendFactory();
+            var backend = perRank?[comm.Rank] ?? backendFactory!();
+            using var owned = perRank is null ? backend : null;
             using var attention = new SequenceParallelAttention(comm, backend, s, c.Options);
             var r = attention.LocalTokenRanges;
             int n = attention.LocalTokens;
