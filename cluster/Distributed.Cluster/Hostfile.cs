@@ -111,6 +111,27 @@ public sealed class Hostfile
         return new Hostfile(sourceName, entries);
     }
 
+    /// <summary>
+    /// The hosts whose names do not resolve (DNS or /etc/hosts), each with its line and the resolver's reason, looked
+    /// up in parallel within <paramref name="timeout"/> (a lookup still running then counts as failed). mpiexec
+    /// would otherwise start the reachable ranks, which then wait in MPI_Init for the ranks that never start: a
+    /// launcher calls this first and refuses the job. A host that resolves but cannot be reached is not detected here.
+    /// </summary>
+    public IReadOnlyList<(HostfileEntry Entry, string Reason)> FindUnresolvableHosts(TimeSpan timeout)
+    {
+        var lookups = Entries.Select(e => (Entry: e, Task: System.Net.Dns.GetHostAddressesAsync(e.Host))).ToList();
+        try { Task.WaitAll([.. lookups.Select(l => (Task)l.Task)], timeout); }
+        catch (AggregateException) { } // failures are read per lookup below
+        var bad = new List<(HostfileEntry, string)>();
+        foreach (var (entry, task) in lookups)
+        {
+            if (!task.IsCompleted) bad.Add((entry, $"the name lookup took more than {timeout.TotalSeconds:0.#} s"));
+            else if (task.IsFaulted) bad.Add((entry, task.Exception?.InnerException?.Message ?? "the name does not resolve"));
+            else if (task.Result.Length == 0) bad.Add((entry, "the name resolves to no address"));
+        }
+        return bad;
+    }
+
     /// <summary>The file in MPICH hydra form (<c>host:slots</c> per line), which <c>mpiexec -f</c> reads.</summary>
     public string ToHydraText() => string.Concat(Entries.Select(e => $"{e.Host}:{e.Slots.ToString(CultureInfo.InvariantCulture)}\n"));
 

@@ -290,6 +290,31 @@ public sealed class BadInputTests(ITestOutputHelper output) : IDisposable
         Assert.Contains("check finite outputs: every element of every output is finite ok", r.Stdout, StringComparison.Ordinal);
     }
 
+    /// <summary>Environment errors: each ends the launch quickly, non-zero, naming the line or the variable and the fix.</summary>
+    [Fact]
+    public void Cli_Launch_HostfileErrors_NameTheLine_UnresolvableHostRefusedBeforeMpiexec()
+    {
+        string bad = Path.Combine(_dir, "bad-hosts.txt");
+        File.WriteAllText(bad, "# cluster\nlocalhost:2\nnode2 slots=x\n");
+        var r = Dsattn.Run($"launch --hostfile {bad} -n 2 -- run --attention softmax --seq 64 --backend cpu", TimeSpan.FromSeconds(60), output);
+        Assert.Equal(2, r.ExitCode);
+        Assert.Contains($"{bad}:3: slot count 'x'", r.Stderr, StringComparison.Ordinal);
+        Assert.DoesNotContain("   at ", r.Stderr, StringComparison.Ordinal);
+
+        // Once mpiexec hung here: ssh failed for the second host and the first rank waited in MPI_Init.
+        string unknown = Path.Combine(_dir, "unknown-hosts.txt");
+        File.WriteAllText(unknown, "localhost:1\nno-such-host.invalid:1\n");
+        var sw = Stopwatch.StartNew();
+        r = Dsattn.Run($"launch --hostfile {unknown} -n 2 -- run --attention softmax --seq 64 --backend cpu", TimeSpan.FromSeconds(60), output);
+        Assert.Equal(2, r.ExitCode);
+        Assert.Contains($"{unknown}:2: host 'no-such-host.invalid' cannot be reached", r.Stderr, StringComparison.Ordinal);
+        Assert.Contains("nothing was started", r.Stderr, StringComparison.Ordinal);
+        Assert.DoesNotContain("mpiexec", r.Stdout, StringComparison.Ordinal);
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(30), $"took {sw.Elapsed}");
+        File.Delete(bad);
+        File.Delete(unknown);
+    }
+
     /// <summary>Four local tensors q [1, n, H, D], k, v [1, n, Hk, ·], o [1, n, H, Dv] of <see cref="Ok"/>, random.</summary>
     internal static LocalTensors Tensors(IKernelBackend backend, int n, int seed)
     {
