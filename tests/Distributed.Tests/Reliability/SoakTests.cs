@@ -11,8 +11,7 @@ namespace Distributed.Tests.Reliability;
 /// About a minute (DSATTN_SOAK_SECONDS overrides) of repeated forward + backward steps on 4 in-process ranks, cycling
 /// through several schemes; each round starts fresh ranks and a fresh layer per scheme, runs several steps, and
 /// disposes everything. Every step's outputs and gradients must equal that scheme's first step bit for bit; native
-/// memory held by tensors must return to exactly its starting value; managed memory, threads and handles must not
-/// grow. Runs alone (the process-wide counters would otherwise measure other tests).
+/// memory held by tensors, managed memory, threads and handles must not grow. Runs alone (the process-wide counters would otherwise measure other tests).
 /// </summary>
 [Collection(nameof(ProcessMemoryCollection))]
 public sealed class SoakTests(ITestOutputHelper output)
@@ -69,7 +68,8 @@ public sealed class SoakTests(ITestOutputHelper output)
         output.WriteLine($"{steps} forward+backward steps ({rounds} rounds over {cases.Count} schemes, {StepsPerRound} steps per layer) on 4 in-process ranks in {clock.Elapsed.TotalSeconds:F0} s");
         output.WriteLine($"start: {start}");
         output.WriteLine($"end:   {end}");
-        Assert.Equal(start.Native, end.Native);
+        // Process-wide: a test class that ran before may still hold (or later release) a tensor, so "no growth", not "equal".
+        Assert.True(end.Native <= start.Native, $"native tensor memory grew from {start.Native} to {end.Native} bytes");
         Assert.True(end.Managed - start.Managed < 16L << 20, $"managed memory grew by {(end.Managed - start.Managed) / 1048576.0:F1} MiB");
         Assert.True(end.WorkingSet - start.WorkingSet < 256L << 20, $"working set grew by {(end.WorkingSet - start.WorkingSet) / 1048576.0:F0} MiB");
         Assert.True(end.Threads - start.Threads <= 8, $"threads grew from {start.Threads} to {end.Threads}");
