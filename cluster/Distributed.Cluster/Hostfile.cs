@@ -58,11 +58,13 @@ public sealed class Hostfile
     }
 
     /// <summary>Parses hostfile text; <paramref name="sourceName"/> appears in error messages.</summary>
-    /// <exception cref="HostfileFormatException">A line is malformed, or there is no host at all.</exception>
+    /// <exception cref="HostfileFormatException">A line is malformed, the slots add up to more than int.MaxValue, or
+    /// there is no host at all.</exception>
     public static Hostfile ParseText(string text, string sourceName)
     {
         ArgumentNullException.ThrowIfNull(text);
         var entries = new List<HostfileEntry>();
+        long total = 0;
         string[] lines = text.Split('\n');
         for (int i = 0; i < lines.Length; i++)
         {
@@ -100,10 +102,34 @@ public sealed class Hostfile
             }
             if (host.Contains(':', StringComparison.Ordinal) || host.Contains('=', StringComparison.Ordinal))
                 throw new HostfileFormatException(sourceName, lineNo, $"'{host}' is not a host name.");
+            total += slots;
+            if (total > int.MaxValue)
+                throw new HostfileFormatException(sourceName, lineNo, $"the slots up to this line add up to {total}, more than the {int.MaxValue} ranks one job can have; give smaller slot counts.");
             entries.Add(new HostfileEntry(host, slots, lineNo));
         }
         if (entries.Count == 0) throw new HostfileFormatException(sourceName, Math.Max(1, lines.Length), "the hostfile names no host.");
         return new Hostfile(sourceName, entries);
+    }
+
+    /// <summary>
+    /// The hosts whose names do not resolve (DNS or /etc/hosts), each with its line and the resolver's reason, looked
+    /// up in parallel within <paramref name="timeout"/> (a lookup still running then counts as failed). mpiexec
+    /// would otherwise start the reachable ranks, which then wait in MPI_Init for the ranks that never start: a
+    /// launcher calls this first and refuses the job. A host that resolves but cannot be reached is not detected here.
+    /// </summary>
+    public IReadOnlyList<(HostfileEntry Entry, string Reason)> FindUnresolvableHosts(TimeSpan timeout)
+    {
+        var lookups = Entries.Select(e => (Entry: e, Task: System.Net.Dns.GetHostAddressesAsync(e.Host))).ToList();
+        try { Task.WaitAll([.. lookups.Select(l => (Task)l.Task)], timeout); }
+        catch (AggregateException) { } // failures are read per lookup below
+        var bad = new List<(HostfileEntry, string)>();
+        foreach (var (entry, task) in lookups)
+        {
+            if (!task.IsCompleted) bad.Add((entry, $"the name lookup took more than {timeout.TotalSeconds:0.#} s"));
+            else if (task.IsFaulted) bad.Add((entry, task.Exception?.InnerException?.Message ?? "the name does not resolve"));
+            else if (task.Result.Length == 0) bad.Add((entry, "the name resolves to no address"));
+        }
+        return bad;
     }
 
     /// <summary>The file in MPICH hydra form (<c>host:slots</c> per line), which <c>mpiexec -f</c> reads.</summary>

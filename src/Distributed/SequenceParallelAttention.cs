@@ -165,6 +165,7 @@ public sealed class SequenceParallelAttention : IDisposable
         _descriptor.Validate(shape, options, communicator.Size);
         CheckFits(shape, options with { Layout = layout }, communicator.Size, communicator is InProcessCommunicator ? communicator.Size : 1,
             checkHostMemory: backend is Distributed.Kernels.Cpu.CpuBackend);
+        InputChecks.AgreeAcrossRanks(communicator, shape, options, layout);
         _clock = new PhaseClock(backend);
         _setup = new SchemeSetup(communicator, backend, shape, options with { Layout = layout }, layout, _clock, _shared);
         Options = options with { Layout = layout };
@@ -318,11 +319,7 @@ public sealed class SequenceParallelAttention : IDisposable
     {
         ThrowIfDisposed();
         var slot = Take(context);
-        int b = _shape.Batch, n = LocalTokens;
-        AttentionDims.Expect(dO, nameof(dO), b, n, _shape.Heads, _shape.ValueDim);
-        AttentionDims.Expect(dQ, nameof(dQ), b, n, _shape.Heads, _shape.HeadDim);
-        AttentionDims.Expect(dK, nameof(dK), b, n, _shape.KvHeads, _shape.HeadDim);
-        AttentionDims.Expect(dV, nameof(dV), b, n, _shape.KvHeads, _shape.ValueDim);
+        InputChecks.LocalTensors(_shape, LocalTokens, (dO, nameof(dO), _shape.Heads, _shape.ValueDim), (dQ, nameof(dQ), _shape.Heads, _shape.HeadDim), (dK, nameof(dK), _shape.KvHeads, _shape.HeadDim), (dV, nameof(dV), _shape.KvHeads, _shape.ValueDim));
         context.VerifyInputs();
         context.Consume();
         try
@@ -553,6 +550,7 @@ public sealed class SequenceParallelAttention : IDisposable
         if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks), ranks, "At least one rank.");
         Validate(shape, options);
         var d = SchemeRegistry.Get(options.Scheme);
+        InputChecks.Partition(shape, options, options.Layout ?? d.DefaultLayout(options), ranks);
         d.Validate(shape, options, ranks);
         var e = MemoryEstimate.For(shape, options, ranks, options.Layout ?? d.DefaultLayout(options));
         string what = $"{options.Scheme} over {ranks} rank(s) at B={shape.Batch}, N={shape.SeqLen}, H={shape.Heads}, Hk={shape.KvHeads}, D={shape.HeadDim}, Dv={shape.ValueDim}";
@@ -584,6 +582,7 @@ public sealed class SequenceParallelAttention : IDisposable
             if (decay.Length != s.Heads) throw new ArgumentException($"Decay has {decay.Length} values but there are {s.Heads} heads; give one λ per head.", "options");
             if (decay.Any(l => !(l > 0f && l <= 1f))) throw new ArgumentException("Every decay λ must be in (0, 1]; 1 means no decay.", "options");
         }
+        InputChecks.Options(s, o);
     }
 
     private SchemeSlot Rent()
@@ -626,11 +625,7 @@ public sealed class SequenceParallelAttention : IDisposable
 
     private void ExpectInputs(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
-        int b = _shape.Batch, n = LocalTokens;
-        AttentionDims.Expect(q, nameof(q), b, n, _shape.Heads, _shape.HeadDim);
-        AttentionDims.Expect(k, nameof(k), b, n, _shape.KvHeads, _shape.HeadDim);
-        AttentionDims.Expect(v, nameof(v), b, n, _shape.KvHeads, _shape.ValueDim);
-        AttentionDims.Expect(o, nameof(o), b, n, _shape.Heads, _shape.ValueDim);
+        InputChecks.LocalTensors(_shape, LocalTokens, (q, nameof(q), _shape.Heads, _shape.HeadDim), (k, nameof(k), _shape.KvHeads, _shape.HeadDim), (v, nameof(v), _shape.KvHeads, _shape.ValueDim), (o, nameof(o), _shape.Heads, _shape.ValueDim));
         foreach (var (t, name) in new[] { (q, "q"), (k, "k"), (v, "v"), (o, "o") })
             if (t.IsDisposed) throw new ObjectDisposedException(name, $"{name} was disposed; pass a live tensor.");
     }

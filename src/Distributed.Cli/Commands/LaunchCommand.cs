@@ -47,6 +47,12 @@ internal static class LaunchCommand
                     Console.Error.WriteLine($"dsattn launch: {e.Message}");
                     return 2;
                 }
+                if (parsed.FindUnresolvableHosts(TimeSpan.FromSeconds(10)) is { Count: > 0 } unresolved)
+                {
+                    foreach (var (entry, reason) in unresolved)
+                        Console.Error.WriteLine($"dsattn launch: {parsed.SourceName}:{entry.Line}: host '{entry.Host}' cannot be reached: {reason}. Fix the name or remove the line; nothing was started.");
+                    return 2;
+                }
                 if (parsed.TotalSlots < p)
                     Console.Error.WriteLine($"dsattn launch: note: the hostfile has {parsed.TotalSlots} slots for {p} ranks; mpiexec will oversubscribe.");
                 // hydra reads only its own form, so hand it a rewritten copy.

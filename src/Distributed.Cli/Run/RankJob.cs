@@ -25,7 +25,13 @@ internal sealed record CheckResult(string Tensor, double MaxAbsError, double Max
 internal sealed record JobResult(JobSpec Spec, AttentionShape Shape, string Layout, IReadOnlyList<RankMeasurement> Ranks,
     IReadOnlyList<CheckResult> Checks, CheckMode CheckMode, string? CheckSkippedReason, double Flops, long TotalMs)
 {
-    public bool Passed => Checks.All(c => c.Passed);
+    /// <summary>Under --check: one line per rank and output tensor holding NaN or ±Inf (the whole tensor is scanned).</summary>
+    public IReadOnlyList<string> NonFiniteOutputs { get; init; } = [];
+
+    /// <summary>Set when the job refused to run (--check-finite found NaN/Inf in an input): the reason, printed once.</summary>
+    public string? Refusal { get; init; }
+
+    public bool Passed => Refusal is null && NonFiniteOutputs.Count == 0 && Checks.All(c => c.Passed);
 }
 
 /// <summary>
@@ -67,6 +73,18 @@ internal static class RankJob
         using var dK = s.Backward ? backend.Allocate(B, nloc, Hk, D) : null;
         using var dV = s.Backward ? backend.Allocate(B, nloc, Hk, Dv) : null;
         if (dO is not null) streams.Load(inputs.DOut!, ranges, dO);
+
+        if (s.CheckFinite)
+        {
+            // Collective: every rank learns every rank's findings, so all stop together (no rank waits in a collective).
+            var bad = FiniteScan.Gather(comm, [.. InputTensors(shape, s.Backward)],
+                [FiniteScan.Scan(q, ranges, N), FiniteScan.Scan(k, ranges, N), FiniteScan.Scan(v, ranges, N), .. dO is null ? Array.Empty<FiniteScan.Finding>() : [FiniteScan.Scan(dO, ranges, N)]]);
+            if (bad.Count > 0)
+                return new JobResult(spec, shape, ranges.Count > 1 ? "zigzag" : "contiguous", [], [], s.Check, null, 0, total.ElapsedMilliseconds)
+                {
+                    Refusal = $"--check-finite: the inputs hold NaN or Inf, so nothing was computed or written:\n  {string.Join("\n  ", bad)}\nFix the input data (or drop --check-finite to run anyway).",
+                };
+        }
 
         if (comm.Rank == s.FailRank && s.FailAt == "start")
             throw new InvalidOperationException($"injected failure on rank {comm.Rank} (--fail-rank {s.FailRank}), while the other ranks wait in the scheme's first collective");
@@ -124,6 +142,21 @@ internal static class RankJob
             }
         }
 
+        // The sampled check compares a few rows; a NaN or Inf anywhere in an output is found by scanning it whole.
+        IReadOnlyList<string> nonFinite = [];
+        if (s.Check != CheckMode.None)
+        {
+            var names = new List<(string, long[])> { ("O", [B, N, H, Dv]) };
+            var found = new List<FiniteScan.Finding> { FiniteScan.Scan(o, ranges, N) };
+            if (lse is not null) { names.Add(("LSE", [B, H, N])); found.Add(FiniteScan.Scan(lse, ranges, N, lse: true)); }
+            if (s.Backward)
+            {
+                names.AddRange([("dQ", [B, N, H, D]), ("dK", [B, N, Hk, D]), ("dV", [B, N, Hk, Dv])]);
+                found.AddRange([FiniteScan.Scan(dQ!, ranges, N), FiniteScan.Scan(dK!, ranges, N), FiniteScan.Scan(dV!, ranges, N)]);
+            }
+            nonFinite = FiniteScan.Gather(comm, names, found);
+        }
+
         var timings = attention.Timings;
         int iters = s.Iterations;
         var mine = new RankMeasurement(comm.Rank, nloc, forwardMs / iters, backwardMs / iters, timings.ComputeMs / iters,
@@ -150,7 +183,19 @@ internal static class RankJob
             }
         }
         progress.Phase("", 1);
-        return new JobResult(spec, shape, layout, all, checks, s.Check, skipped, JobFlops(spec, shape, s.Backward), total.ElapsedMilliseconds);
+        return new JobResult(spec, shape, layout, all, checks, s.Check, skipped, JobFlops(spec, shape, s.Backward), total.ElapsedMilliseconds)
+        {
+            NonFiniteOutputs = nonFinite,
+        };
+    }
+
+    /// <summary>The input tensors of a job with their global shapes, in load order.</summary>
+    private static IEnumerable<(string, long[])> InputTensors(AttentionShape x, bool backward)
+    {
+        yield return ("Q", [x.Batch, x.SeqLen, x.Heads, x.HeadDim]);
+        yield return ("K", [x.Batch, x.SeqLen, x.KvHeads, x.HeadDim]);
+        yield return ("V", [x.Batch, x.SeqLen, x.KvHeads, x.ValueDim]);
+        if (backward) yield return ("dO", [x.Batch, x.SeqLen, x.Heads, x.ValueDim]);
     }
 
     /// <summary>The library options of a job.</summary>

@@ -173,6 +173,13 @@ internal static class RunExecution
                     Log($"{Describe(job, shape)}: forward{(s.Backward ? " + backward" : "")}, {s.Iterations} iteration(s)...");
                     result = RankJob.Execute(comm, backend, () => backendFactory(placement.Backend, device, 0), job, shape, s, outputs, progress, Log);
                 }
+                if (result.Refusal is { } why)
+                {
+                    // Every rank reached the same verdict collectively; say it once and write nothing.
+                    if (comm.Rank == 0) Console.Error.WriteLine($"dsattn run: {why}");
+                    outputs?.Abort();
+                    return 2;
+                }
                 results.Add(result);
                 if (comm.Rank == 0) RunSummary.Print(result, s, comm is InProcessCommunicator);
             }

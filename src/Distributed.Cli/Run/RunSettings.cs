@@ -85,6 +85,8 @@ internal sealed record RunSettings
     public ulong Seed { get; init; } = 1234;
     public int Iterations { get; init; } = 1;
     public CheckMode Check { get; init; }
+    /// <summary>--check-finite: scan the inputs for NaN and ±Inf before the first step.</summary>
+    public bool CheckFinite { get; init; }
     public int CheckRows { get; init; } = 8;
     public double Tolerance { get; init; } = 1e-4;
     public int FailRank { get; init; } = -1;

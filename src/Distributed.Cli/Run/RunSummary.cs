@@ -33,6 +33,10 @@ internal static class RunSummary
         if (r.CheckSkippedReason is not null) Console.WriteLine($"check skipped: {r.CheckSkippedReason}");
         foreach (var c in r.Checks)
             Console.WriteLine(FormattableString.Invariant($"check {c.Tensor}: max |error| {c.MaxAbsError:E2} over max |ref| {c.MaxAbsReference:E2} = relative {c.RelativeError:E2} ({c.Compared} values{(c.NonFinite > 0 ? $", {c.NonFinite} NaN/Inf" : "")}; tolerance {s.Tolerance:E0}) {(c.Passed ? "ok" : "FAILED")}"));
+        if (r.CheckMode != CheckMode.None && r.NonFiniteOutputs.Count == 0)
+            Console.WriteLine("check finite outputs: every element of every output is finite ok");
+        foreach (string line in r.NonFiniteOutputs)
+            Console.WriteLine($"check finite outputs: {line} FAILED");
     }
 
     internal static string Bytes(double b) =>

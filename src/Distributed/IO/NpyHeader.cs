@@ -276,7 +276,9 @@ public sealed record NpyHeader(string Path, NpyDType DType, long[] Shape, long D
     private sealed class LiteralParser(string text)
     {
         private readonly HashSet<List<object?>> _tuples = new(ReferenceEqualityComparer.Instance);
+        private const int MaxNesting = 32;
         private int _pos;
+        private int _depth;
 
         public bool LastShapeWasTuple(List<object?> value) => _tuples.Contains(value);
 
@@ -361,6 +363,10 @@ public sealed record NpyHeader(string Path, NpyDType DType, long[] Shape, long D
         private List<object?> ParseSequence(char open)
         {
             char close = open == '(' ? ')' : ']';
+            // A header's values nest at most two deep (a structured dtype's list of tuples); refusing deeper nesting
+            // keeps a hostile header of up to MaxHeaderBytes from recursing until the stack overflows.
+            if (++_depth > MaxNesting)
+                throw new FormatException($"brackets nest more than {MaxNesting} deep at character {_pos}");
             _pos++;
             var items = new List<object?>();
             bool comma = false;
@@ -380,6 +386,7 @@ public sealed record NpyHeader(string Path, NpyDType DType, long[] Shape, long D
                 else if (Peek() != close)
                     throw new FormatException($"expected ',' or '{close}' at character {_pos}");
             }
+            _depth--;
             // (n) without a comma is a parenthesized integer in Python, not a tuple.
             if (open == '(' && (items.Count != 1 || comma))
                 _tuples.Add(items);

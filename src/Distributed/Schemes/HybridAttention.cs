@@ -168,7 +168,28 @@ internal sealed class HybridDescriptor : SchemeDescriptor
     {
         if (options.Attention == AttentionKind.Softmax && !SchemeRegistry.Get(options.HybridSequenceScheme).HybridSequenceScheme)
             throw new ArgumentException($"The hybrid's sequence scheme must be one of {string.Join(", ", SchemeRegistry.All.Where(s => s.HybridSequenceScheme).Select(s => s.Scheme))} for softmax (got {options.HybridSequenceScheme}); set HybridSequenceScheme (--hybrid-scheme).", nameof(options));
+        if (ranks < 1) return;
+        var valid = Enumerable.Range(1, ranks).Where(d => ranks % d == 0 && shape.Heads % d == 0).ToList();
+        int ph = Degree(shape, options, ranks);
+        if (ranks % ph != 0 || shape.Heads % ph != 0)
+            throw new ArgumentException($"The Ulysses degree Ph = {ph} must divide both P = {ranks} and H = {shape.Heads}; valid choices: {string.Join(", ", valid)}.", "options");
+        int sequenceRanks = ranks / ph;
+        var layout = options.Layout ?? DefaultLayout(options);
+        int chunks = layout == ShardLayout.Zigzag ? 2 * sequenceRanks : sequenceRanks;
+        if (shape.SeqLen < chunks) return; // the shared chunk check names this
+        int fewest = Sharding.AllRanges(shape.SeqLen, sequenceRanks, layout).Min(r => r.Sum(x => x.Count));
+        if (fewest < ph)
+            throw new ArgumentException($"Each head group holds as few as {fewest} tokens, fewer than its {ph} ranks; use a longer sequence or a smaller UlyssesDegree.", "shape");
     }
+
+    public override int SequenceRanks(AttentionShape shape, SequenceParallelOptions options, int ranks)
+    {
+        int ph = Degree(shape, options, ranks);
+        return ranks % ph == 0 ? ranks / ph : ranks;
+    }
+
+    private static int Degree(AttentionShape shape, SequenceParallelOptions options, int ranks) =>
+        options.UlyssesDegree > 0 ? options.UlyssesDegree : Enumerable.Range(1, ranks).Where(d => ranks % d == 0 && shape.Heads % d == 0).Max();
 
     public override IScheme Create(SchemeSetup s) => new HybridAttention(s);
 

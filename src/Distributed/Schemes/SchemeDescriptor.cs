@@ -34,6 +34,9 @@ internal abstract class SchemeDescriptor
     /// <exception cref="ArgumentException">The message names the parameter and the fix.</exception>
     public virtual void Validate(AttentionShape shape, SequenceParallelOptions options, int ranks) { }
 
+    /// <summary>The ranks the sequence is cut over (P, or P / Ph for the hybrid), for the chunk-count check.</summary>
+    public virtual int SequenceRanks(AttentionShape shape, SequenceParallelOptions options, int ranks) => ranks;
+
     /// <summary>What one rank holds, in floats (see <see cref="MemoryEstimate"/>).</summary>
     public abstract MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout);
 

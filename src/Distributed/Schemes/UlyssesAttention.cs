@@ -118,6 +118,13 @@ internal sealed class UlyssesDescriptor : SchemeDescriptor
     public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Softmax, AttentionKind.Lightning];
     public override string Summary => "Ulysses: all-to-all from sequence shards to head shards and back";
     public override ShardLayout DefaultLayout(SequenceParallelOptions options) => ShardLayout.Contiguous;
+
+    public override void Validate(AttentionShape shape, SequenceParallelOptions options, int ranks)
+    {
+        if (ranks > 0 && shape.Heads % ranks != 0)
+            throw new ArgumentException($"Ulysses splits heads over ranks and needs H % P == 0, but H = {shape.Heads} and P = {ranks}. Use a head count divisible by {ranks}, or P = {InputChecks.DivisorsText(shape.Heads, ranks)} ranks, or the Hybrid scheme.", "shape");
+    }
+
     public override IScheme Create(SchemeSetup s) => new UlyssesAttention(s.Communicator, s.Backend, s.Shape, s.Options, s.Layout, s.Clock);
 
     public override MemoryEstimate Estimate(AttentionShape shape, SequenceParallelOptions options, int ranks, ShardLayout layout)
