@@ -23,10 +23,12 @@ internal static class TrainCommand
         var queries = new Option<int>("--queries") { Description = "Queries per sequence (in its second half); the loss counts these positions only.", DefaultValueFactory = _ => d.Queries };
         var keys = new Option<int>("--keys") { Description = "Distinct keys (tokens) the pairs draw from.", DefaultValueFactory = _ => d.Keys };
         var values = new Option<int>("--values") { Description = "Distinct values (tokens); chance accuracy is 1/values.", DefaultValueFactory = _ => d.Values };
-        var softmax = new Option<string>("--softmax-scheme") { Description = "How softmax layers are split: allgather, ring, partial, ulysses, hybrid.", DefaultValueFactory = _ => "allgather" };
-        softmax.AcceptOnlyFromAmong("allgather", "ring", "partial", "ulysses", "hybrid");
-        var lightning = new Option<string>("--lightning-scheme") { Description = "How lightning layers are split: lasp2, ulysses, hybrid.", DefaultValueFactory = _ => "lasp2" };
-        lightning.AcceptOnlyFromAmong("lasp2", "ulysses", "hybrid");
+        var softmaxSchemes = SchemeRegistry.NamesFor(AttentionKind.Softmax).ToArray();
+        var lightningSchemes = SchemeRegistry.NamesFor(AttentionKind.Lightning).ToArray();
+        var softmax = new Option<string>("--softmax-scheme") { Description = $"How softmax layers are split: {string.Join(", ", softmaxSchemes)}.", DefaultValueFactory = _ => "allgather" };
+        softmax.AcceptOnlyFromAmong(softmaxSchemes);
+        var lightning = new Option<string>("--lightning-scheme") { Description = $"How lightning layers are split: {string.Join(", ", lightningSchemes)} (lasp1 needs --layout contiguous).", DefaultValueFactory = _ => "lasp2" };
+        lightning.AcceptOnlyFromAmong(lightningSchemes);
         var layout = new Option<string>("--layout") { Description = "Token layout of every layer: zigzag or contiguous.", DefaultValueFactory = _ => "zigzag" };
         layout.AcceptOnlyFromAmong("zigzag", "contiguous");
         var seed = new Option<ulong>("--seed") { Description = "Seed of the weights and of the data.", DefaultValueFactory = _ => d.Seed };
@@ -82,14 +84,5 @@ internal static class TrainCommand
         return command;
     }
 
-    private static ParallelScheme ParseScheme(string name) => name switch
-    {
-        "lasp2" => ParallelScheme.Lasp2,
-        "allgather" => ParallelScheme.AllGather,
-        "partial" => ParallelScheme.Partial,
-        "ring" => ParallelScheme.Ring,
-        "ulysses" => ParallelScheme.Ulysses,
-        "hybrid" => ParallelScheme.Hybrid,
-        _ => throw new ArgumentException($"Unknown scheme '{name}'.", nameof(name)),
-    };
+    private static ParallelScheme ParseScheme(string name) => SchemeRegistry.Parse(name);
 }
