@@ -574,9 +574,15 @@ public sealed class SequenceParallelAttention : IDisposable
             throw new ArgumentException($"Every dimension of {s} must be at least 1.", "shape");
         if (s.Heads % s.KvHeads != 0)
             throw new ArgumentException($"Heads {s.Heads} is not a multiple of KvHeads {s.KvHeads}; GQA needs H % Hk == 0 (e.g. KvHeads = {s.Heads}).", "shape");
+        if (!Enum.IsDefined(o.Attention))
+            throw new ArgumentException($"Attention {(int)o.Attention} is not an attention kind; use AttentionKind.Softmax or Lightning.", "options");
         var d = SchemeRegistry.Get(o.Scheme);
         if (!d.Kinds.Contains(o.Attention))
-            throw new ArgumentException($"Scheme {o.Scheme} ({d.CliName}) does not run {o.Attention.ToString().ToLowerInvariant()} attention; {o.Attention.ToString().ToLowerInvariant()} attention uses {string.Join(", ", SchemeRegistry.All.Where(x => x.Kinds.Contains(o.Attention)).Select(x => x.Scheme))}.", "options");
+        {
+            string kinds = string.Join(" and ", d.Kinds.Select(k => k.ToString().ToLowerInvariant()));
+            string asked = o.Attention.ToString().ToLowerInvariant();
+            throw new ArgumentException($"Scheme {o.Scheme} ({d.CliName}) is for {kinds} attention only, not {asked}; {asked} attention uses {string.Join(", ", SchemeRegistry.All.Where(x => x.Kinds.Contains(o.Attention)).Select(x => x.Scheme))}.", "options");
+        }
         if (o.Attention == AttentionKind.Lightning && o.Decay is { } decay)
         {
             if (decay.Length != s.Heads) throw new ArgumentException($"Decay has {decay.Length} values but there are {s.Heads} heads; give one λ per head.", "options");

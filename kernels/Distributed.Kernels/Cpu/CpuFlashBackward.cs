@@ -99,7 +99,11 @@ internal static unsafe class CpuFlashBackward
     {
         int D = x.D, Dv = x.Dv, DP = p.DP, DvP = p.DvP, b = bhk / x.Hk, hk = bhk % x.Hk, j0 = jt * T;
         int tl = Math.Min(T, x.Nk - j0);
-        float* kt = CpuParallel.Scratch((long)D * T + (long)Dv * T + (long)T * DP + 2 * T * T + (long)T * DP + (long)T * DvP);
+        long scratch = (long)D * T + (long)Dv * T + (long)T * DP + 2 * T * T + (long)T * DP + (long)T * DvP;
+        float* kt = CpuParallel.Scratch(scratch);
+        // A worker's scratch holds whatever its thread computed last (another tile, or another rank's call):
+        // start from zeros so no stale value can reach a result, whichever thread runs the tile.
+        new Span<float>(kt, (int)scratch).Clear();
         float* vt = kt + D * T, kr = vt + Dv * T, s = kr + T * DP, dp = s + T * T, dk = dp + T * T, dv = dk + T * DP;
         CpuFlashAttention.LoadKeyTileTransposed(K, x, b, hk, j0, tl, kt);
         CpuFlashAttention.LoadTransposed(V, x.Nk, x.Hk, Dv, b, hk, j0, tl, vt);

@@ -38,8 +38,11 @@ public sealed class DeterminismTests(ITestOutputHelper output)
         output.WriteLine($"{c.Name}: 1 vs 2 threads {(threadsBitwise ? "bitwise" : $"differ by {threadsDiff:E1}")}; P = 4 vs P = 2 {(ranksBitwise ? "bitwise" : $"differ by {ranksDiff:E1}")}");
         Assert.True(threadsDiff <= 1e-5, $"1 vs 2 threads: {threadsDiff:E2}");
         Assert.True(ranksDiff <= 1e-5, $"P = 4 vs P = 2: {ranksDiff:E2}");
-        // The per-head kernels split work over heads and tiles, never a sum: thread count does not change a bit.
-        Assert.True(threadsBitwise, $"{c.Name}: 1 and 2 threads differ by {threadsDiff:E2}");
+        // Where every KV head's work stays on one thread, the thread count does not change a bit. With fewer KV heads
+        // per rank than threads (Ulysses and the softmax hybrid at this shape), the softmax backward splits a head's key
+        // tiles over workers and sums their dQ partials: within rounding, not bitwise (checked above at 1e-5).
+        bool splitsHeads = c.Options.Attention == AttentionKind.Softmax && c.Options.Scheme is ParallelScheme.Ulysses or ParallelScheme.Hybrid;
+        if (!splitsHeads) Assert.True(threadsBitwise, $"{c.Name}: 1 and 2 threads differ by {threadsDiff:E2}");
     }
 
     private static double MaxRelative(GlobalOutputs a, GlobalOutputs b) => new[]
