@@ -65,10 +65,18 @@ public static class SchemeRun
     /// compile them once for many runs.</summary>
     public static GlobalOutputs Run(SchemeCase c, GlobalInputs x, IKernelBackend[] perRank) => Run(c, perRank.Length, x, null, perRank, 1);
 
-    private static GlobalOutputs Run(SchemeCase c, int ranks, GlobalInputs x, Func<IKernelBackend>? backendFactory, IKernelBackend[]? perRank, int steps)
+    private static GlobalOutputs Run(SchemeCase c, int ranks, GlobalInputs x, Func<IKernelBackend>? backendFactory, IKernelBackend[]? perRank, int steps) =>
+        Steps(c, ranks, x, backendFactory, perRank, steps)[^1];
+
+    /// <summary>One layer on <paramref name="ranks"/> fresh in-process ranks (CPU backend, 1 thread) running
+    /// <paramref name="steps"/> forward + backward steps; the global outputs of every step.</summary>
+    public static List<GlobalOutputs> Steps(SchemeCase c, int ranks, GlobalInputs x, int steps) => Steps(c, ranks, x, () => new CpuBackend(1), null, steps);
+
+    private static List<GlobalOutputs> Steps(SchemeCase c, int ranks, GlobalInputs x, Func<IKernelBackend>? backendFactory, IKernelBackend[]? perRank, int steps)
     {
         var s = c.Shape;
-        var global = new GlobalOutputs(new float[(long)s.Batch * s.SeqLen * s.Heads * s.ValueDim], new float[x.Q.Length], new float[x.K.Length], new float[x.V.Length]);
+        var results = Enumerable.Range(0, steps).Select(_ => new GlobalOutputs(new float[(long)s.Batch * s.SeqLen * s.Heads * s.ValueDim],
+            new float[x.Q.Length], new float[x.K.Length], new float[x.V.Length])).ToList();
         InProcessCommunicator.Run(ranks, comm =>
         {
             var backend = perRank?[comm.Rank] ?? backendFactory!();
@@ -96,20 +104,21 @@ public static class SchemeRun
             {
                 attention.Forward(q, k, v, o);
                 attention.Backward(dO, dq, dk, dv);
+                var into = results[step];
+                void Put(DeviceTensor t, float[] g, int width)
+                {
+                    var local = new float[t.Length];
+                    t.CopyToHost(local);
+                    lock (results) Sharding.PutLocal(local, g, s.Batch, s.SeqLen, width, r);
+                }
+                Put(o, into.O, s.Heads * s.ValueDim);
+                Put(dq, into.DQ, s.Heads * s.HeadDim);
+                Put(dk, into.DK, s.KvHeads * s.HeadDim);
+                Put(dv, into.DV, s.KvHeads * s.ValueDim);
             }
-            void Put(DeviceTensor t, float[] g, int width)
-            {
-                var local = new float[t.Length];
-                t.CopyToHost(local);
-                lock (global) Sharding.PutLocal(local, g, s.Batch, s.SeqLen, width, r);
-            }
-            Put(o, global.O, s.Heads * s.ValueDim);
-            Put(dq, global.DQ, s.Heads * s.HeadDim);
-            Put(dk, global.DK, s.KvHeads * s.HeadDim);
-            Put(dv, global.DV, s.KvHeads * s.ValueDim);
             return 0;
         }, TimeSpan.FromSeconds(300));
-        return global;
+        return results;
     }
 
     /// <summary>Every scheme (and the hybrid's sequence schemes) at one shape: H must be divisible by P for Ulysses.</summary>

@@ -78,50 +78,5 @@ public sealed class SoakTests(ITestOutputHelper output)
     }
 
     /// <summary>One layer on 4 fresh ranks running <paramref name="steps"/> forward + backward steps; every step's global outputs.</summary>
-    private static List<GlobalOutputs> RunSteps(SchemeCase c, GlobalInputs x, int steps)
-    {
-        var s = c.Shape;
-        var results = Enumerable.Range(0, steps).Select(_ => new GlobalOutputs(new float[(long)s.Batch * s.SeqLen * s.Heads * s.ValueDim],
-            new float[x.Q.Length], new float[x.K.Length], new float[x.V.Length])).ToList();
-        InProcessCommunicator.Run(4, comm =>
-        {
-            using var backend = new CpuBackend(1);
-            using var attention = new SequenceParallelAttention(comm, backend, s, c.Options);
-            var r = attention.LocalTokenRanges;
-            int n = attention.LocalTokens;
-            DeviceTensor Local(float[] g, int width, params int[] shape)
-            {
-                var local = new float[(long)s.Batch * n * width];
-                Sharding.TakeLocal(g, local, s.Batch, s.SeqLen, width, r);
-                var t = backend.Allocate(shape);
-                t.CopyFromHost(local);
-                return t;
-            }
-            using var q = Local(x.Q, s.Heads * s.HeadDim, s.Batch, n, s.Heads, s.HeadDim);
-            using var k = Local(x.K, s.KvHeads * s.HeadDim, s.Batch, n, s.KvHeads, s.HeadDim);
-            using var v = Local(x.V, s.KvHeads * s.ValueDim, s.Batch, n, s.KvHeads, s.ValueDim);
-            using var dO = Local(x.DO, s.Heads * s.ValueDim, s.Batch, n, s.Heads, s.ValueDim);
-            using var o = backend.Allocate(s.Batch, n, s.Heads, s.ValueDim);
-            using var dq = backend.Allocate(s.Batch, n, s.Heads, s.HeadDim);
-            using var dk = backend.Allocate(s.Batch, n, s.KvHeads, s.HeadDim);
-            using var dv = backend.Allocate(s.Batch, n, s.KvHeads, s.ValueDim);
-            for (int step = 0; step < steps; step++)
-            {
-                attention.Forward(q, k, v, o);
-                attention.Backward(dO, dq, dk, dv);
-                void Put(DeviceTensor t, float[] g, int width)
-                {
-                    var local = new float[t.Length];
-                    t.CopyToHost(local);
-                    lock (results) Sharding.PutLocal(local, g, s.Batch, s.SeqLen, width, r);
-                }
-                Put(o, results[step].O, s.Heads * s.ValueDim);
-                Put(dq, results[step].DQ, s.Heads * s.HeadDim);
-                Put(dk, results[step].DK, s.KvHeads * s.HeadDim);
-                Put(dv, results[step].DV, s.KvHeads * s.ValueDim);
-            }
-            return 0;
-        }, TimeSpan.FromSeconds(120));
-        return results;
-    }
+    private static List<GlobalOutputs> RunSteps(SchemeCase c, GlobalInputs x, int steps) => SchemeRun.Steps(c, 4, x, steps);
 }
