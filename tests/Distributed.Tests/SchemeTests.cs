@@ -107,9 +107,8 @@ public sealed class SchemeTests(ITestOutputHelper output)
             if (!Refuses(c, p)) Assert.True(errors[p] <= Math.Max(2 * errors[1], 1e-6), $"error grows with P: P=1 {errors[1]:E2}, P={p} {errors[p]:E2}");
     }
 
-    internal sealed record Global(float[] O, float[] DQ, float[] DK, float[] DV);
-
-    internal static Global RunDistributed(Case c, int ranks, double[] q, double[] k, double[] v, double[] dO)
+    /// <summary>One forward + backward of the case on <paramref name="ranks"/> in-process ranks, in global order.</summary>
+    internal static Reliability.GlobalOutputs RunDistributed(Case c, int ranks, double[] q, double[] k, double[] v, double[] dO)
     {
         var shape = new AttentionShape(c.B, c.N, c.H, c.Hk, c.D, c.Dv);
         var options = new SequenceParallelOptions
@@ -117,48 +116,10 @@ public sealed class SchemeTests(ITestOutputHelper output)
             Attention = c.Attention, Scheme = c.Scheme, Causal = c.Causal, Layout = c.Layout, Decay = c.Decay,
             UlyssesDegree = c.Ph, HybridSequenceScheme = c.Across, Overlap = c.Overlap,
         };
-        var global = new Global(new float[o_len(c)], new float[q.Length], new float[k.Length], new float[v.Length]);
         // A small staging piece makes the schemes split their collectives, as they do past 2^26 floats.
         Distributed.Schemes.HostBuffer.PieceOverride.Value = c.Piece;
-        InProcessCommunicator.Run(ranks, comm =>
-        {
-            using var backend = new CpuBackend(1);
-            using var attention = new SequenceParallelAttention(comm, backend, shape, options);
-            var r = attention.LocalTokenRanges;
-            int n = attention.LocalTokens;
-            DeviceTensor Local(double[] g, int width, params int[] s)
-            {
-                var local = new float[(long)c.B * n * width];
-                Sharding.TakeLocal(g.Select(d => (float)d).ToArray(), local, c.B, c.N, width, r);
-                var t = backend.Allocate(s);
-                t.CopyFromHost(local);
-                return t;
-            }
-            using var tq = Local(q, c.H * c.D, c.B, n, c.H, c.D);
-            using var tk = Local(k, c.Hk * c.D, c.B, n, c.Hk, c.D);
-            using var tv = Local(v, c.Hk * c.Dv, c.B, n, c.Hk, c.Dv);
-            using var tdo = Local(dO, c.H * c.Dv, c.B, n, c.H, c.Dv);
-            using var to = backend.Allocate(c.B, n, c.H, c.Dv);
-            using var dq = backend.Allocate(c.B, n, c.H, c.D);
-            using var dk = backend.Allocate(c.B, n, c.Hk, c.D);
-            using var dv = backend.Allocate(c.B, n, c.Hk, c.Dv);
-            attention.Forward(tq, tk, tv, to);
-            attention.Backward(tdo, dq, dk, dv);
-            void Put(DeviceTensor t, float[] g, int width)
-            {
-                var local = new float[t.Length];
-                t.CopyToHost(local);
-                lock (global) Sharding.PutLocal(local, g, c.B, c.N, width, r);
-            }
-            Put(to, global.O, c.H * c.Dv);
-            Put(dq, global.DQ, c.H * c.D);
-            Put(dk, global.DK, c.Hk * c.D);
-            Put(dv, global.DV, c.Hk * c.Dv);
-            return 0;
-        }, TimeSpan.FromSeconds(120));
-        return global;
-
-        static long o_len(Case c) => (long)c.B * c.N * c.H * c.Dv;
+        static float[] F(double[] x) => [.. x.Select(d => (float)d)];
+        return Reliability.SchemeRun.Run(new Reliability.SchemeCase(c.Name, shape, options), ranks, new Reliability.GlobalInputs(F(q), F(k), F(v), F(dO)));
     }
 
     /// <summary>Runs forward+backward on 4 ranks and returns rank 0's counters of that step.</summary>
