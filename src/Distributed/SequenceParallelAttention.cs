@@ -162,7 +162,6 @@ public sealed class SequenceParallelAttention : IDisposable
         _backend = backend;
         _descriptor = SchemeRegistry.Get(options.Scheme);
         var layout = options.Layout ?? _descriptor.DefaultLayout(options);
-        _descriptor.Validate(shape, options, communicator.Size);
         CheckFits(shape, options with { Layout = layout }, communicator.Size, communicator is InProcessCommunicator ? communicator.Size : 1,
             checkHostMemory: backend is Distributed.Kernels.Cpu.CpuBackend);
         InputChecks.AgreeAcrossRanks(communicator, shape, options, layout);
@@ -318,7 +317,7 @@ public sealed class SequenceParallelAttention : IDisposable
     public void Backward(AttentionContext context, DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV, bool accumulate = false)
     {
         ThrowIfDisposed();
-        var slot = Take(context);
+        var slot = Peek(context);
         InputChecks.LocalTensors(_shape, LocalTokens, (dO, nameof(dO), _shape.Heads, _shape.ValueDim), (dQ, nameof(dQ), _shape.Heads, _shape.HeadDim), (dK, nameof(dK), _shape.KvHeads, _shape.HeadDim), (dV, nameof(dV), _shape.KvHeads, _shape.ValueDim));
         context.VerifyInputs();
         context.Consume();
@@ -550,8 +549,7 @@ public sealed class SequenceParallelAttention : IDisposable
         if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks), ranks, "At least one rank.");
         Validate(shape, options);
         var d = SchemeRegistry.Get(options.Scheme);
-        InputChecks.Partition(shape, options, options.Layout ?? d.DefaultLayout(options), ranks);
-        d.Validate(shape, options, ranks);
+        InputChecks.Partition(shape, options, options.Layout ?? d.DefaultLayout(options), ranks); // includes the scheme's own checks
         var e = MemoryEstimate.For(shape, options, ranks, options.Layout ?? d.DefaultLayout(options));
         string what = $"{options.Scheme} over {ranks} rank(s) at B={shape.Batch}, N={shape.SeqLen}, H={shape.Heads}, Hk={shape.KvHeads}, D={shape.HeadDim}, Dv={shape.ValueDim}";
         string need = $"needs {Gib(e.TotalBytes)} per rank ({Gib(e.CallerFloats * 4L)} of local q, k, v, o and gradients, {Gib(e.SchemeFloats * 4L)} of scheme tensors, {Gib(e.StagingFloats * 4L)} of host staging)";
@@ -604,9 +602,7 @@ public sealed class SequenceParallelAttention : IDisposable
         return made;
     }
 
-    /// <summary>The slot of a context that Backward may consume.</summary>
-    private SchemeSlot Take(AttentionContext context) => Peek(context);
-
+    /// <summary>The slot of a live context of this layer.</summary>
     private SchemeSlot Peek(AttentionContext context)
     {
         ArgumentNullException.ThrowIfNull(context);
