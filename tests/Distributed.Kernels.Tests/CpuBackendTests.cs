@@ -187,3 +187,24 @@ public sealed class CpuAvx2PathTests : KernelBackendContract
     [MemberData(nameof(LargeFlashBackwardCases))]
     public void FlashBackward_Large_MatchesReference(FlashCase c) => CheckFlashBackward(c);
 }
+
+/// <summary>The register transpose the lightning kernels use for whole 16×16 blocks, against plain indexing.</summary>
+public sealed unsafe class CpuTransposeTests
+{
+    [Theory]
+    [InlineData(16, 16)]
+    [InlineData(20, 37)]
+    public void Transpose16x16_MovesEveryElementToItsTransposedPlace(int ld, int ldDst)
+    {
+        if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return; // the AVX-512 path only exists there
+        var src = new float[16 * ld];
+        var dst = new float[16 * ldDst];
+        for (int i = 0; i < src.Length; i++) src[i] = i + 0.5f;
+        fixed (float* s = src, d = dst) CpuMath.Transpose16x16(s, ld, d, ldDst);
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < 16; c++)
+                Assert.Equal(src[r * ld + c], dst[c * ldDst + r]);
+        for (int c = 0; c < 16; c++)
+            for (int r = 16; r < ldDst; r++) Assert.Equal(0f, dst[c * ldDst + r]); // nothing written past the block
+    }
+}

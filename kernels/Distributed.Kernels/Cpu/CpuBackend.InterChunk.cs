@@ -14,7 +14,7 @@ public sealed unsafe partial class CpuBackend
         AttentionDims.Expect(s0, nameof(s0), b, h, d, dv);
         AttentionDims.CheckDecay(decay, h);
         if (n == 0) return;
-        CpuLightningInterChunk.Forward(Cpu(q, nameof(q)), decay.ToArray(), causal, Cpu(s0, nameof(s0)), Cpu(o, nameof(o)), b, n, h, d, dv, Threads);
+        CpuLightningInterChunk.Forward(Cpu(q, nameof(q)), DecayArray(decay), causal, Cpu(s0, nameof(s0)), Cpu(o, nameof(o)), b, n, h, d, dv, Threads);
     }
 
     /// <inheritdoc/>
@@ -29,7 +29,7 @@ public sealed unsafe partial class CpuBackend
         AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
         AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
         if (x.Nq == 0) return;
-        CpuLightningInterChunk.Backward(Cpu(k, nameof(k)), Cpu(v, nameof(v)), decay.ToArray(), causal, s0 is null ? null : Cpu(s0, nameof(s0)),
+        CpuLightningInterChunk.Backward(Cpu(k, nameof(k)), Cpu(v, nameof(v)), DecayArray(decay), causal, s0 is null ? null : Cpu(s0, nameof(s0)),
             Cpu(dO, nameof(dO)), dSEnd is null ? null : Cpu(dSEnd, nameof(dSEnd)), Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), x, Threads);
     }
 

@@ -167,7 +167,7 @@ public sealed unsafe partial class CpuBackend : IKernelBackend
         AttentionDims.Expect(o, nameof(o), x.B, x.Nq, x.H, x.Dv);
         if (s0 is not null) AttentionDims.Expect(s0, nameof(s0), x.B, x.H, x.D, x.Dv);
         if (sEnd is not null) AttentionDims.Expect(sEnd, nameof(sEnd), x.B, x.H, x.D, x.Dv);
-        CpuLightningAttention.Forward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), decay.ToArray(), causal,
+        CpuLightningAttention.Forward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), DecayArray(decay), causal,
             s0 is null ? null : Cpu(s0, nameof(s0)), Cpu(o, nameof(o)), sEnd is null ? null : Cpu(sEnd, nameof(sEnd)), x, Threads);
     }
 
@@ -185,7 +185,7 @@ public sealed unsafe partial class CpuBackend : IKernelBackend
         if (dS0 is not null) AttentionDims.Expect(dS0, nameof(dS0), x.B, x.H, x.D, x.Dv);
         // The GQA partials live in one buffer per backend; serialise concurrent backwards on it.
         lock (_lightningPartials)
-            CpuLightningAttention.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), decay.ToArray(), causal,
+            CpuLightningAttention.Backward(Cpu(q, nameof(q)), Cpu(k, nameof(k)), Cpu(v, nameof(v)), DecayArray(decay), causal,
                 s0 is null ? null : Cpu(s0, nameof(s0)), Cpu(dO, nameof(dO)), dSEnd is null ? null : Cpu(dSEnd, nameof(dSEnd)),
                 Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), dS0 is null ? null : Cpu(dS0, nameof(dS0)), x, Threads, _lightningPartials);
     }
@@ -207,7 +207,7 @@ public sealed unsafe partial class CpuBackend : IKernelBackend
         var x = new AttentionDims(k.Shape[0], k.Shape[1], k.Shape[1], heads, hk, k.Shape[3], v.Shape[3]);
         AttentionDims.Expect(m, nameof(m), x.B, x.H, x.D, x.Dv);
         AttentionDims.CheckDecay(decay, x.H);
-        CpuLightningAttention.ChunkState(Cpu(k, nameof(k)), Cpu(v, nameof(v)), decay.ToArray(), causal, Cpu(m, nameof(m)), x, Threads);
+        CpuLightningAttention.ChunkState(Cpu(k, nameof(k)), Cpu(v, nameof(v)), DecayArray(decay), causal, Cpu(m, nameof(m)), x, Threads);
     }
 
     /// <inheritdoc/>
@@ -222,7 +222,18 @@ public sealed unsafe partial class CpuBackend : IKernelBackend
         int dv = dO.Shape[3];
         AttentionDims.Expect(dM, nameof(dM), b, h, d, dv);
         AttentionDims.CheckDecay(decay, h);
-        CpuLightningAttention.ChunkStateBackward(Cpu(q, nameof(q)), Cpu(dO, nameof(dO)), decay.ToArray(), causal, Cpu(dM, nameof(dM)), b, n, h, d, dv, Threads);
+        CpuLightningAttention.ChunkStateBackward(Cpu(q, nameof(q)), Cpu(dO, nameof(dO)), DecayArray(decay), causal, Cpu(dM, nameof(dM)), b, n, h, d, dv, Threads);
+    }
+
+    // Per-thread copy of the decays for the kernels' worker lambdas (a span cannot be captured), so no
+    // call allocates: the calling thread waits inside the kernel, and nothing else writes its copy meanwhile.
+    [ThreadStatic] private static float[]? _decayCopy;
+
+    internal static float[] DecayArray(ReadOnlySpan<float> decay)
+    {
+        if (_decayCopy is null || _decayCopy.Length < decay.Length) _decayCopy = new float[Math.Max(decay.Length, 64)];
+        decay.CopyTo(_decayCopy);
+        return _decayCopy;
     }
 
     /// <inheritdoc/>

@@ -1,4 +1,5 @@
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace Distributed.Kernels.Cpu;
 
@@ -69,21 +70,98 @@ internal static unsafe class CpuLightningAttention
         return p < PowerFloor ? 0f : (float)p;
     }
 
-    private static void LoadRows(float* X, int n, int heads, int width, int b, int head, int t0, int count, int ld, float* dst)
+    /// <summary>
+    /// Copies rows t0 .. t0+count of one head into a tile with row stride <paramref name="ld"/> (zero past
+    /// <paramref name="width"/>), and asks for the same rows of the block <paramref name="ahead"/> tokens away
+    /// (the next one the sweep reads) to be brought into L2 meanwhile: a head's rows are strided by the other
+    /// heads, so the hardware prefetchers do not run a block ahead, and without this the copies wait on memory.
+    /// </summary>
+    private static void LoadRows(float* X, int n, int heads, int width, int b, int head, int t0, int count, int ld, float* dst, int ahead = T)
     {
+        int next = t0 + ahead;
+        bool prefetch = ahead != 0 && next >= 0 && next < n && Sse.IsSupported;
+        int nextCount = prefetch ? Math.Min(count, n - next) : 0;
         for (int j = 0; j < count; j++)
         {
             float* src = X + (((long)b * n + t0 + j) * heads + head) * width;
             new Span<float>(src, width).CopyTo(new Span<float>(dst + j * ld, width));
             if (ld > width) new Span<float>(dst + j * ld + width, ld - width).Clear();
+            if (j < nextCount)
+            {
+                byte* p = (byte*)(X + (((long)b * n + next + j) * heads + head) * width);
+                for (int line = 0; line < width * sizeof(float); line += 64) Sse.Prefetch1(p + line);
+            }
         }
     }
 
+    /// <summary>Asks for <paramref name="rows"/> rows of <paramref name="width"/> floats, <paramref name="stride"/> apart, to be brought into L2 (outputs the next block writes or updates).</summary>
+    private static void PrefetchRows(float* first, long stride, int rows, int width)
+    {
+        if (!Sse.IsSupported) return;
+        for (int r = 0; r < rows; r++)
+        {
+            byte* p = (byte*)(first + r * stride);
+            for (int line = 0; line < width * sizeof(float); line += 64) Sse.Prefetch1(p + line);
+        }
+    }
+
+    /// <summary>dst[c·ldDst + r] = src[r·ld + c] for r &lt; rows, c &lt; cols, in 16×16 blocks (in registers with AVX-512).</summary>
     private static void Transpose(float* src, int rows, int ld, int cols, float* dst, int ldDst)
     {
-        // dst[c·ldDst + r] = src[r·ld + c]
-        for (int r = 0; r < rows; r++)
-            for (int c = 0; c < cols; c++) dst[c * ldDst + r] = src[r * ld + c];
+        for (int r0 = 0; r0 < rows; r0 += 16)
+        {
+            int r1 = Math.Min(rows, r0 + 16);
+            for (int c0 = 0; c0 < cols; c0 += 16)
+            {
+                int c1 = Math.Min(cols, c0 + 16);
+                if (r1 - r0 == 16 && c1 - c0 == 16 && CpuMath.UseVector512)
+                {
+                    CpuMath.Transpose16x16(src + (long)r0 * ld + c0, ld, dst + (long)c0 * ldDst + r0, ldDst);
+                    continue;
+                }
+                for (int r = r0; r < r1; r++)
+                {
+                    float* row = src + (long)r * ld;
+                    for (int c = c0; c < c1; c++) dst[(long)c * ldDst + r] = row[c];
+                }
+            }
+        }
+    }
+
+    /// <summary>
+    /// dst = (Q Kᵀ) ⊙ M for a block of <paramref name="bl"/> rows, 16-row bands at a time: band r0 computes
+    /// only its first r0 + 16 columns (the rest of the band is above the diagonal and never read).
+    /// <paramref name="kt"/> is Kᵀ [width, 64] zero-padded past the block; rows of q have stride <paramref name="ldq"/>.
+    /// </summary>
+    private static void LowerScores(int bl, int width, float* q, int ldq, float* kt, float* dst, float* mask)
+    {
+        for (int r0 = 0; r0 < bl; r0 += 16)
+        {
+            int rows = Math.Min(16, bl - r0), n = r0 + 16;
+            CpuMath.Gemm(rows, n, width, q + r0 * ldq, 1, ldq, kt, T, dst + r0 * T, T, false);
+            for (int i = r0; i < r0 + rows; i++) CpuMath.Multiply(dst + i * T, mask + T - 1 - i, n);
+        }
+    }
+
+    /// <summary>c[i, :] = Σ_{j ≤ i} a[i, j] b[j, :] for i &lt; bl, where a is lower triangular from <see cref="LowerScores"/>.</summary>
+    private static void LowerTimes(int bl, int n, float* a, float* b, int ldb, float* c, int ldc)
+    {
+        for (int r0 = 0; r0 < bl; r0 += 16)
+            CpuMath.Gemm(Math.Min(16, bl - r0), n, Math.Min(r0 + 16, bl), a + r0 * T, 1, T, b, ldb, c + r0 * ldc, ldc, false);
+    }
+
+    /// <summary>c[j, :] = Σ_{j ≤ i &lt; bl} a[i, j] b[i, :] for j &lt; bl (aᵀ b), where a is lower triangular from <see cref="LowerScores"/>.</summary>
+    private static void UpperTransposedTimes(int bl, int n, float* a, float* b, int ldb, float* c, int ldc)
+    {
+        for (int j0 = 0; j0 < bl; j0 += 16)
+            CpuMath.Gemm(Math.Min(16, bl - j0), n, bl - j0, a + j0 * T + j0, T, 1, b + j0 * ldb, ldb, c + j0 * ldc, ldc, false);
+    }
+
+    /// <summary>kt[c·64 + r] = k[r·ld + c] for r &lt; bl, c &lt; cols, zero for r ≥ bl.</summary>
+    private static void TransposeTile(float* k, int bl, int ld, int cols, float* kt)
+    {
+        Transpose(k, bl, ld, cols, kt, T);
+        if (bl < T) for (int c = 0; c < cols; c++) new Span<float>(kt + c * T + bl, T - bl).Clear();
     }
 
     private static void ClearPadding(float* dst, int rows, int ld, int usedRows)
@@ -151,21 +229,16 @@ internal static unsafe class CpuLightningAttention
                     LoadRows(Q, N, x.H, x.D, b, h, t0, bl, t.DP, t.Q);
                     LoadRows(K, N, x.Hk, x.D, b, hk, t0, bl, t.DP, t.K);
                     LoadRows(V, N, x.Hk, x.Dv, b, hk, t0, bl, t.DvP, t.V);
-                    Transpose(t.K, bl, t.DP, x.D, t.Kt, T);
-                    if (bl < T) for (int d = 0; d < x.D; d++) new Span<float>(t.Kt + d * T + bl, T - bl).Clear();
-                    // Intra-block: [(Q Kᵀ) ⊙ M] V.
-                    CpuMath.Gemm(bl, T, x.D, t.Q, 1, t.DP, t.Kt, T, t.A, T, false);
-                    CausalDecayMask(t.A, bl, t.Mask);
-                    CpuMath.Gemm(bl, t.DvP, bl, t.A, 1, T, t.V, t.DvP, t.Tmp, t.DvP, false);
-                    // Inter-block: diag(λ^(i+1)) Q S.
-                    CpuMath.Gemm(bl, t.DvP, x.D, t.Q, 1, t.DP, t.S, t.DvP, t.Tmp2, t.DvP, false);
+                    if (t0 + T < N) PrefetchRows(O + (((long)b * N + t0 + T) * x.H + h) * x.Dv, (long)x.H * x.Dv, Math.Min(T, N - t0 - T), x.Dv);
+                    TransposeTile(t.K, bl, t.DP, x.D, t.Kt);
+                    // Intra-block: [(Q Kᵀ) ⊙ M] V, only the 16-row bands on and below the diagonal.
+                    LowerScores(bl, x.D, t.Q, t.DP, t.Kt, t.A, t.Mask);
+                    LowerTimes(bl, t.DvP, t.A, t.V, t.DvP, t.Tmp, t.DvP);
+                    // Inter-block: + diag(λ^(i+1)) Q S, accumulated onto the same tile.
+                    for (int i = 0; i < bl; i++) CpuMath.ScaleTo(t.Tmp2 + i * t.DP, t.Q + i * t.DP, t.DP, t.Pw[i + 1]);
+                    CpuMath.Gemm(bl, t.DvP, x.D, t.Tmp2, 1, t.DP, t.S, t.DvP, t.Tmp, t.DvP, true);
                     for (int i = 0; i < bl; i++)
-                    {
-                        float w = t.Pw[i + 1];
-                        float* dst = O + (((long)b * N + t0 + i) * x.H + h) * x.Dv;
-                        float* intra = t.Tmp + i * t.DvP, inter = t.Tmp2 + i * t.DvP;
-                        CpuMath.AddScaled(dst, intra, inter, w, x.Dv, false);
-                    }
+                        new Span<float>(t.Tmp + i * t.DvP, x.Dv).CopyTo(new Span<float>(O + (((long)b * N + t0 + i) * x.H + h) * x.Dv, x.Dv));
                     // State: S ← λ^bl S + (diag(λ^(bl−1−j)) K)ᵀ V.
                     for (int j = 0; j < bl; j++) CpuMath.Scale(t.K + j * t.DP, t.DP, t.Pw[bl - 1 - j]);
                     CpuMath.Scale(t.S, x.D * t.DvP, t.Pw[bl]);
@@ -196,93 +269,95 @@ internal static unsafe class CpuLightningAttention
             var dst = direct
                 ? new Gradients(DK + ((long)b * N * x.Hk + hk) * D, (long)x.Hk * D, DV + ((long)b * N * x.Hk + hk) * Dv, (long)x.Hk * Dv)
                 : new Gradients(PK + bh * (long)N * D, D, PV + bh * (long)N * Dv, Dv);
-            for (int i = 0; i < N; i++)
-            {
-                new Span<float>(dst.K + i * dst.KStride, D).Clear();
-                new Span<float>(dst.V + i * dst.VStride, Dv).Clear();
-            }
             long stateOff = (long)bh * D * Dv;
             t.Powers(causal ? decay[h] : 1f);
             if (S0 is null) new Span<float>(t.S, D * DvP).Clear();
             else LoadState(S0 + stateOff, D, Dv, DvP, t.S);
             if (!causal)
             {
+                // The non-causal path accumulates into dK and dV; the causal one writes every row in sweep 1.
+                for (int i = 0; i < N; i++)
+                {
+                    new Span<float>(dst.K + i * dst.KStride, D).Clear();
+                    new Span<float>(dst.V + i * dst.VStride, Dv).Clear();
+                }
                 NonCausalBackward(Q, K, V, G, DQ, dst, GE, GS, x, t, b, h, hk, stateOff);
                 return;
             }
-            // Sweep 1, forwards: dq_i = Σ_{j≤i} λ^(i−j)(dO_i·v_j) k_j + λ^(i+1) dO_i Sᵀ. Only Sᵀ is
-            // needed, so the sweep carries Sᵀ ([Dv, DP]) and updates it directly, with no transpose per block.
+            // Sweep 1, forwards, carrying Sᵀ ([Dv, DP], updated in place, never transposed per block). Every
+            // block-local term is finished here: dq_i = Σ_{j≤i} dA_ij k_j + λ^(i+1) dO_i Sᵀ, and the intra-block
+            // parts of dk_j = Σ_{i≥j} dA_ij q_i and dv_j = Σ_{i≥j} A_ij dO_i, with A = (Q Kᵀ) ⊙ M and
+            // dA = (dO Vᵀ) ⊙ M computed once, only their 16-row bands on and below the diagonal.
             Transpose(t.S, D, DvP, Dv, t.St, DP);
             for (int e = 0; e < Dv; e++) new Span<float>(t.St + e * DP + D, DP - D).Clear();
             for (int t0 = 0; t0 < N; t0 += T)
-            {
-                int bl = Math.Min(T, N - t0);
-                LoadRows(G, N, x.H, Dv, b, h, t0, bl, DvP, t.G);
-                LoadRows(K, N, x.Hk, D, b, hk, t0, bl, DP, t.K);
-                LoadRows(V, N, x.Hk, Dv, b, hk, t0, bl, DvP, t.V);
-                Transpose(t.V, bl, DvP, Dv, t.Vt, T);
-                if (bl < T) for (int e = 0; e < Dv; e++) new Span<float>(t.Vt + e * T + bl, T - bl).Clear();
-                CpuMath.Gemm(bl, T, Dv, t.G, 1, DvP, t.Vt, T, t.dA, T, false);
-                CausalDecayMask(t.dA, bl, t.Mask);
-                CpuMath.Gemm(bl, DP, bl, t.dA, 1, T, t.K, DP, t.Tmp, DP, false);
-                CpuMath.Gemm(bl, DP, Dv, t.G, 1, DvP, t.St, DP, t.Tmp2, DP, false);
-                for (int i = 0; i < bl; i++)
-                {
-                    float w = t.Pw[i + 1];
-                    float* dq = DQ + (((long)b * N + t0 + i) * x.H + h) * D;
-                    CpuMath.AddScaled(dq, t.Tmp + i * DP, t.Tmp2 + i * DP, w, D, false);
-                }
-                // Sᵀ ← λ^bl Sᵀ + Vᵀ diag(λ^(bl−1−j)) K.
-                for (int j = 0; j < bl; j++) CpuMath.Scale(t.K + j * DP, DP, t.Pw[bl - 1 - j]);
-                CpuMath.Scale(t.St, Dv * DP, t.Pw[bl]);
-                CpuMath.Gemm(Dv, DP, bl, t.V, DvP, 1, t.K, DP, t.St, DP, true);
-            }
-            // Sweep 2, backwards, carrying G = ∂L/∂(state entering the next block).
-            if (GE is null) new Span<float>(t.S, D * DvP).Clear();
-            else LoadState(GE + stateOff, D, Dv, DvP, t.S);
-            int lastStart = (N - 1) / T * T;
-            for (int t0 = lastStart; t0 >= 0; t0 -= T)
             {
                 int bl = Math.Min(T, N - t0);
                 LoadRows(Q, N, x.H, D, b, h, t0, bl, DP, t.Q);
                 LoadRows(G, N, x.H, Dv, b, h, t0, bl, DvP, t.G);
                 LoadRows(K, N, x.Hk, D, b, hk, t0, bl, DP, t.K);
                 LoadRows(V, N, x.Hk, Dv, b, hk, t0, bl, DvP, t.V);
-                Transpose(t.K, bl, DP, D, t.Kt, T);
-                Transpose(t.V, bl, DvP, Dv, t.Vt, T);
-                if (bl < T)
+                if (t0 + T < N)
                 {
-                    for (int d = 0; d < D; d++) new Span<float>(t.Kt + d * T + bl, T - bl).Clear();
-                    for (int e = 0; e < Dv; e++) new Span<float>(t.Vt + e * T + bl, T - bl).Clear();
+                    int nb = Math.Min(T, N - t0 - T);
+                    PrefetchRows(DQ + (((long)b * N + t0 + T) * x.H + h) * D, (long)x.H * D, nb, D);
+                    PrefetchRows(dst.K + (t0 + T) * dst.KStride, dst.KStride, nb, D);
+                    PrefetchRows(dst.V + (t0 + T) * dst.VStride, dst.VStride, nb, Dv);
                 }
-                CpuMath.Gemm(bl, T, D, t.Q, 1, DP, t.Kt, T, t.A, T, false);
-                CausalDecayMask(t.A, bl, t.Mask);
-                CpuMath.Gemm(bl, T, Dv, t.G, 1, DvP, t.Vt, T, t.dA, T, false);
-                CausalDecayMask(t.dA, bl, t.Mask);
-                // dk_j = Σ_{i≥j} dA_ij q_i + λ^(bl−1−j) G v_j
-                CpuMath.Gemm(bl, DP, bl, t.dA, T, 1, t.Q, DP, t.Tmp, DP, false);
-                Transpose(t.S, D, DvP, Dv, t.St, DP);
-                for (int e = 0; e < Dv; e++) new Span<float>(t.St + e * DP + D, DP - D).Clear();
-                CpuMath.Gemm(bl, DP, Dv, t.V, 1, DvP, t.St, DP, t.Tmp2, DP, false);
-                for (int j = 0; j < bl; j++)
+                TransposeTile(t.K, bl, DP, D, t.Kt);
+                TransposeTile(t.V, bl, DvP, Dv, t.Vt);
+                LowerScores(bl, D, t.Q, DP, t.Kt, t.A, t.Mask);
+                LowerScores(bl, Dv, t.G, DvP, t.Vt, t.dA, t.Mask);
+                LowerTimes(bl, DP, t.dA, t.K, DP, t.Tmp, DP);
+                for (int i = 0; i < bl; i++) CpuMath.ScaleTo(t.Tmp2 + i * DvP, t.G + i * DvP, DvP, t.Pw[i + 1]);
+                CpuMath.Gemm(bl, DP, Dv, t.Tmp2, 1, DvP, t.St, DP, t.Tmp, DP, true);
+                for (int i = 0; i < bl; i++)
+                    new Span<float>(t.Tmp + i * DP, D).CopyTo(new Span<float>(DQ + (((long)b * N + t0 + i) * x.H + h) * D, D));
+                UpperTransposedTimes(bl, DP, t.dA, t.Q, DP, t.Tmp, DP);
+                for (int j = 0; j < bl; j++) new Span<float>(t.Tmp + j * DP, D).CopyTo(new Span<float>(dst.K + (t0 + j) * dst.KStride, D));
+                UpperTransposedTimes(bl, DvP, t.A, t.G, DvP, t.Tmp, DvP);
+                for (int j = 0; j < bl; j++) new Span<float>(t.Tmp + j * DvP, Dv).CopyTo(new Span<float>(dst.V + (t0 + j) * dst.VStride, Dv));
+                // Sᵀ ← λ^bl Sᵀ + Vᵀ diag(λ^(bl−1−j)) K.
+                for (int j = 0; j < bl; j++) CpuMath.Scale(t.K + j * DP, DP, t.Pw[bl - 1 - j]);
+                CpuMath.Scale(t.St, Dv * DP, t.Pw[bl]);
+                CpuMath.Gemm(Dv, DP, bl, t.V, DvP, 1, t.K, DP, t.St, DP, true);
+            }
+            // Sweep 2, backwards, carrying Gs = ∂L/∂(state entering the next block): only the inter-block terms
+            // are left, dk_j += λ^(bl−1−j) Gs v_j and dv_j += λ^(bl−1−j) Gsᵀ k_j.
+            if (GE is null) new Span<float>(t.S, D * DvP).Clear();
+            else LoadState(GE + stateOff, D, Dv, DvP, t.S);
+            bool gsZero = GE is null;
+            int lastStart = (N - 1) / T * T;
+            for (int t0 = lastStart; t0 >= 0; t0 -= T)
+            {
+                int bl = Math.Min(T, N - t0);
+                LoadRows(Q, N, x.H, D, b, h, t0, bl, DP, t.Q, -T);
+                LoadRows(G, N, x.H, Dv, b, h, t0, bl, DvP, t.G, -T);
+                if (!gsZero)
                 {
-                    float w = t.Pw[bl - 1 - j];
-                    float* dk = dst.K + (t0 + j) * dst.KStride;
-                    CpuMath.AddScaled(dk, t.Tmp + j * DP, t.Tmp2 + j * DP, w, D, true);
+                    LoadRows(K, N, x.Hk, D, b, hk, t0, bl, DP, t.K, -T);
+                    LoadRows(V, N, x.Hk, Dv, b, hk, t0, bl, DvP, t.V, -T);
+                    if (t0 > 0)
+                    {
+                        PrefetchRows(dst.K + (t0 - T) * dst.KStride, dst.KStride, T, D);
+                        PrefetchRows(dst.V + (t0 - T) * dst.VStride, dst.VStride, T, Dv);
+                    }
+                    Transpose(t.S, D, DvP, Dv, t.St, DP);
+                    CpuMath.Gemm(bl, DP, Dv, t.V, 1, DvP, t.St, DP, t.Tmp, DP, false);
+                    CpuMath.Gemm(bl, DvP, D, t.K, 1, DP, t.S, DvP, t.Tmp2, DvP, false);
+                    for (int j = 0; j < bl; j++)
+                    {
+                        float w = t.Pw[bl - 1 - j];
+                        float* dk = dst.K + (t0 + j) * dst.KStride, dv = dst.V + (t0 + j) * dst.VStride;
+                        CpuMath.AddScaled(dk, dk, t.Tmp + j * DP, w, D, false);
+                        CpuMath.AddScaled(dv, dv, t.Tmp2 + j * DvP, w, Dv, false);
+                    }
                 }
-                // dv_j = Σ_{i≥j} A_ij dO_i + λ^(bl−1−j) Gᵀ k_j
-                CpuMath.Gemm(bl, DvP, bl, t.A, T, 1, t.G, DvP, t.Tmp, DvP, false);
-                CpuMath.Gemm(bl, DvP, D, t.K, 1, DP, t.S, DvP, t.Tmp2, DvP, false);
-                for (int j = 0; j < bl; j++)
-                {
-                    float w = t.Pw[bl - 1 - j];
-                    float* dv = dst.V + (t0 + j) * dst.VStride;
-                    CpuMath.AddScaled(dv, t.Tmp + j * DvP, t.Tmp2 + j * DvP, w, Dv, true);
-                }
-                // G ← λ^bl G + Σ_i λ^(i+1) q_iᵀ dO_i
+                // Gs ← λ^bl Gs + Σ_i λ^(i+1) q_iᵀ dO_i
                 for (int i = 0; i < bl; i++) CpuMath.Scale(t.Q + i * DP, DP, t.Pw[i + 1]);
                 CpuMath.Scale(t.S, D * DvP, t.Pw[bl]);
                 CpuMath.Gemm(D, DvP, bl, t.Q, DP, 1, t.G, DvP, t.S, DvP, true);
+                gsZero = false;
             }
             if (GS is not null) StoreState(t.S, D, Dv, DvP, GS + stateOff);
         });

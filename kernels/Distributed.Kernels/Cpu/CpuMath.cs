@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace Distributed.Kernels.Cpu;
 
@@ -290,6 +291,61 @@ internal static unsafe class CpuMath
             }
         }
         for (; i < n; i++) dst[i] = (accumulate ? dst[i] : 0f) + (a[i] + w * b[i]);
+    }
+
+    /// <summary>
+    /// dst[c·ldDst + r] = src[r·ld + c] for one 16×16 block, in AVX-512 registers: 32-bit and 64-bit
+    /// interleaves within 128-bit lanes, then two rounds of 128-bit lane shuffles (64 shuffles for 256 floats).
+    /// </summary>
+    public static void Transpose16x16(float* src, int ld, float* dst, int ldDst)
+    {
+        var r = stackalloc Vector512<float>[16];
+        var t = stackalloc Vector512<float>[16];
+        for (int i = 0; i < 16; i++) r[i] = Vector512.Load(src + (long)i * ld);
+        // Rows i and i+1, 32-bit interleave: lane L of t[i] is (r_i[4L], r_i+1[4L], r_i[4L+1], r_i+1[4L+1]).
+        for (int i = 0; i < 16; i += 2)
+        {
+            t[i] = Avx512F.UnpackLow(r[i], r[i + 1]);
+            t[i + 1] = Avx512F.UnpackHigh(r[i], r[i + 1]);
+        }
+        // 64-bit interleave: lane L of r[4g + j] is column 4L + j of rows 4g .. 4g+3.
+        for (int i = 0; i < 16; i += 4)
+        {
+            r[i] = Avx512F.UnpackLow(t[i].AsDouble(), t[i + 2].AsDouble()).AsSingle();
+            r[i + 1] = Avx512F.UnpackHigh(t[i].AsDouble(), t[i + 2].AsDouble()).AsSingle();
+            r[i + 2] = Avx512F.UnpackLow(t[i + 1].AsDouble(), t[i + 3].AsDouble()).AsSingle();
+            r[i + 3] = Avx512F.UnpackHigh(t[i + 1].AsDouble(), t[i + 3].AsDouble()).AsSingle();
+        }
+        // Output row 4L + j is lane L of r[j], r[4+j], r[8+j], r[12+j].
+        for (int j = 0; j < 4; j++)
+        {
+            Vector512<float> a = r[j], b = r[4 + j], c = r[8 + j], d = r[12 + j];
+            var ab01 = Avx512F.Shuffle4x128(a, b, 0b01_00_01_00); // a0 a1 b0 b1
+            var ab23 = Avx512F.Shuffle4x128(a, b, 0b11_10_11_10); // a2 a3 b2 b3
+            var cd01 = Avx512F.Shuffle4x128(c, d, 0b01_00_01_00);
+            var cd23 = Avx512F.Shuffle4x128(c, d, 0b11_10_11_10);
+            Avx512F.Shuffle4x128(ab01, cd01, 0b10_00_10_00).Store(dst + (long)j * ldDst);        // a0 b0 c0 d0
+            Avx512F.Shuffle4x128(ab01, cd01, 0b11_01_11_01).Store(dst + (long)(4 + j) * ldDst);  // a1 b1 c1 d1
+            Avx512F.Shuffle4x128(ab23, cd23, 0b10_00_10_00).Store(dst + (long)(8 + j) * ldDst);
+            Avx512F.Shuffle4x128(ab23, cd23, 0b11_01_11_01).Store(dst + (long)(12 + j) * ldDst);
+        }
+    }
+
+    /// <summary>dst[i] = s·src[i] over n elements.</summary>
+    public static void ScaleTo(float* dst, float* src, int n, float s)
+    {
+        int i = 0;
+        if (UseVector512)
+        {
+            var v = Vector512.Create(s);
+            for (; i + 16 <= n; i += 16) (Vector512.Load(src + i) * v).Store(dst + i);
+        }
+        else if (UseVector256)
+        {
+            var v = Vector256.Create(s);
+            for (; i + 8 <= n; i += 8) (Vector256.Load(src + i) * v).Store(dst + i);
+        }
+        for (; i < n; i++) dst[i] = src[i] * s;
     }
 
     /// <summary>y[i] *= s over n elements.</summary>
