@@ -132,7 +132,7 @@ internal static unsafe class CpuFlashAttention
         {
             var mv = Vector512.Load(s);
             for (int j = 16; j < T; j += 16) mv = Vector512.Max(mv, Vector512.Load(s + j));
-            for (int e = 0; e < 16; e++) rowMax = MathF.Max(rowMax, mv.GetElement(e));
+            rowMax = CpuMath.HorizontalMax(mv);
         }
         else
             for (int j = 0; j < valid; j++) rowMax = MathF.Max(rowMax, s[j]);
@@ -145,9 +145,11 @@ internal static unsafe class CpuFlashAttention
             var sv = Vector512<float>.Zero;
             for (int j = 0; j < T; j += 16)
             {
-                var p = CpuMath.Exp2(Vector512.Load(s + j) - mv);
-                if (j + 16 > valid)
+                Vector512<float> p;
+                if (j + 16 <= valid) p = CpuMath.Exp2Unmasked(Vector512.Load(s + j) - mv);
+                else
                 {
+                    p = CpuMath.Exp2(Vector512.Load(s + j) - mv);
                     var idx = Vector512.Create(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) + Vector512.Create(j);
                     p = Vector512.ConditionalSelect(Vector512.LessThan(idx, Vector512.Create(valid)).AsSingle(), p, Vector512<float>.Zero);
                 }

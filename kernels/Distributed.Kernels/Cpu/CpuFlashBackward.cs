@@ -163,7 +163,7 @@ internal static unsafe class CpuFlashBackward
                 var dv = Vector512.Create(dr);
                 for (; j + 16 <= valid; j += 16)
                 {
-                    var pv = CpuMath.Exp2(Vector512.Load(sr + j) - lv);
+                    var pv = CpuMath.Exp2Unmasked(Vector512.Load(sr + j) - lv);
                     pv.Store(sr + j);
                     (pv * (Vector512.Load(dpr + j) - dv)).Store(dpr + j);
                 }

@@ -232,6 +232,40 @@ internal static unsafe class CpuMath
         return Vector512.ConditionalSelect(underflow.AsInt32(), Vector512<int>.Zero, r.AsInt32()).AsSingle();
     }
 
+    /// <summary>
+    /// 2^x for 16 lanes where no lane is masked: the same polynomial as <see cref="Exp2(Vector512{float})"/>, with
+    /// the exponent applied by <c>vscalefps</c> and no select. Lanes below −126 give 2^−126 times the
+    /// polynomial (about 1e-38) instead of exactly 0: only for the unmasked keys of a softmax row, where the
+    /// row's largest term is 1, so the difference is far below fp32 resolution. Masked keys must use
+    /// <see cref="Exp2(Vector512{float})"/>, which gives exactly 0.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Exp2Unmasked(Vector512<float> x)
+    {
+        x = Vector512.MaxNative(x, Vector512.Create(-126f));
+        var n = Vector512.Round(x);
+        var f = x - n;
+        var p = Vector512.Create(1.5403530393381606e-4f);
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(1.3333558146428443e-3f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(9.6181291076284772e-3f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(5.5504108664821580e-2f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.24022650695910071f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.69314718055994531f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512<float>.One);
+        return Avx512F.Scale(p, n);
+    }
+
+    /// <summary>The largest of 16 lanes (NaN if any lane is NaN), by halving instead of 16 element reads.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float HorizontalMax(Vector512<float> v)
+    {
+        var a = Vector256.Max(v.GetLower(), v.GetUpper());
+        var b = Vector128.Max(a.GetLower(), a.GetUpper());
+        b = Vector128.Max(b, Vector128.Shuffle(b, Vector128.Create(2, 3, 0, 1)));
+        b = Vector128.Max(b, Vector128.Shuffle(b, Vector128.Create(1, 0, 3, 2)));
+        return b.ToScalar();
+    }
+
     /// <summary>2^x for 8 lanes (AVX2); same polynomial and zero below -126 as the 16-lane version.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector256<float> Exp2(Vector256<float> x)
