@@ -118,7 +118,7 @@ public static class HostReachability
         }
         catch (TimeoutException)
         {
-            return new UnreachableHost(entry, $"the name lookup took more than {seconds} s", nameFix);
+            return new UnreachableHost(entry, $"the name does not resolve within {seconds} s (the lookup took longer; a slow or unreachable DNS server?)", nameFix);
         }
         catch (Exception e) when (e is SocketException or ArgumentException)
         {
