@@ -115,7 +115,7 @@ public sealed class Hostfile
     /// The hosts whose names do not resolve (DNS or /etc/hosts), each with its line and the resolver's reason, looked
     /// up in parallel within <paramref name="timeout"/> (a lookup still running then counts as failed). mpiexec
     /// would otherwise start the reachable ranks, which then wait in MPI_Init for the ranks that never start: a
-    /// launcher calls this first and refuses the job. A host that resolves but cannot be reached is not detected here.
+    /// launcher calls this first and refuses the job. <see cref="HostReachability.Find"/> also probes each non-local host's launcher port.
     /// </summary>
     public IReadOnlyList<(HostfileEntry Entry, string Reason)> FindUnresolvableHosts(TimeSpan timeout)
     {

@@ -5,10 +5,11 @@ using Distributed.Kernels;
 
 namespace Distributed.Cli.Run;
 
-/// <summary>What one rank measured for one job.</summary>
+/// <summary>What one rank measured for one job. <see cref="AllocatedBytesPerStep"/>: managed bytes allocated per step
+/// after the first (NaN with one step); for in-process ranks the process's total divided by the ranks.</summary>
 internal sealed record RankMeasurement(int Rank, long LocalTokens, double ForwardMs, double BackwardMs, double ComputeMs,
     double CommunicationMs, double BytesSentPerStep, double BytesReceivedPerStep, double PeakBytes,
-    double LinkCommunicationMs = 0, double LinkWaitedMs = 0)
+    double LinkCommunicationMs = 0, double LinkWaitedMs = 0, double AllocatedBytesPerStep = double.NaN)
 {
     /// <summary>With an emulated link: the share of the communication time not waited for (hidden behind compute).</summary>
     public double HiddenFraction => LinkCommunicationMs > 0 ? Math.Clamp((LinkCommunicationMs - LinkWaitedMs) / LinkCommunicationMs, 0, 1) : 0;
@@ -94,9 +95,12 @@ internal static class RankJob
         link?.Statistics.Reset();
         var before = comm.Counters.Snapshot();
         double forwardMs = 0, backwardMs = 0;
+        long allocatedAfterFirstStep = 0;
         progress.Phase(s.Iterations > 1 ? $"{s.Iterations} steps" : s.Backward ? "forward + backward" : "forward", s.Iterations * (s.Backward ? 3.5 : 1));
         for (int it = 0; it < s.Iterations; it++)
         {
+            // The first step is warm-up (JIT, pools, scratch); what the steps after it allocate is the steady state.
+            if (it == 1) allocatedAfterFirstStep = AllocatedBytesMark(comm);
             var sw = Stopwatch.StartNew();
             attention.Forward(q, k, v, o);
             backend.Synchronize();
@@ -111,6 +115,10 @@ internal static class RankJob
                 progress.Advance(2.5);
             }
         }
+        // In-process ranks share the process's counter: its growth over the steps is divided among them.
+        double allocatedPerStep = s.Iterations > 1
+            ? (AllocatedBytesMark(comm) - allocatedAfterFirstStep) / (double)(comm is InProcessCommunicator ? comm.Size : 1) / (s.Iterations - 1)
+            : double.NaN;
         var after = comm.Counters.Snapshot();
         double linkCommMs = link?.Statistics.CommunicationMs ?? 0, linkWaitedMs = link?.Statistics.WaitedMs ?? 0;
         double sent = 0, received = 0;
@@ -160,8 +168,10 @@ internal static class RankJob
         var timings = attention.Timings;
         int iters = s.Iterations;
         var mine = new RankMeasurement(comm.Rank, nloc, forwardMs / iters, backwardMs / iters, timings.ComputeMs / iters,
-            timings.CommunicationMs / iters, sent / iters, received / iters, PeakMemory.ProcessPeakBytes(), linkCommMs / iters, linkWaitedMs / iters);
+            timings.CommunicationMs / iters, sent / iters, received / iters, PeakMemory.ProcessPeakBytes(), linkCommMs / iters, linkWaitedMs / iters, allocatedPerStep);
         var all = GatherMeasurements(comm, mine);
+        // In-process ranks read one shared counter a few bytes apart; every rank reports rank 0's reading.
+        if (comm is InProcessCommunicator) all = [.. all.Select(m => m with { AllocatedBytesPerStep = all[0].AllocatedBytesPerStep })];
 
         var checks = new List<CheckResult>();
         string? skipped = null;
@@ -226,18 +236,32 @@ internal static class RankJob
         return forward * (backward ? 1 + backwardFactor : 1);
     }
 
+    /// <summary>
+    /// The runtime's count of managed bytes allocated so far (<see cref="GC.GetTotalAllocatedBytes(bool)"/>, precise),
+    /// read between two barriers: in-process ranks share one counter, and no rank is mid-step while any reads it.
+    /// </summary>
+    private static long AllocatedBytesMark(ICommunicator comm)
+    {
+        comm.Barrier();
+        long bytes = GC.GetTotalAllocatedBytes(precise: true);
+        comm.Barrier();
+        return bytes;
+    }
+
     private static List<RankMeasurement> GatherMeasurements(ICommunicator comm, RankMeasurement m)
     {
         // Floats carry 24 bits exactly: large values travel as (high, low) halves.
-        const int Width = 13;
+        const int Width = 15;
         static (float, float) Split(double x) { double hi = Math.Floor(x / 65536.0); return ((float)hi, (float)(x - hi * 65536.0)); }
         var (tokHi, tokLo) = Split(m.LocalTokens);
         var (peakHi, peakLo) = Split(Math.Round(m.PeakBytes / 1024.0));
+        // NaN (one step, nothing measured) travels as NaN halves.
+        var (allocHi, allocLo) = Split(Math.Round(m.AllocatedBytesPerStep));
         ReadOnlySpan<float> mine =
         [
             m.Rank, tokHi, tokLo, (float)m.ForwardMs, (float)m.BackwardMs, (float)m.ComputeMs, (float)m.CommunicationMs,
             (float)(m.BytesSentPerStep / 1024.0), (float)(m.BytesReceivedPerStep / 1024.0), peakHi, peakLo,
-            (float)m.LinkCommunicationMs, (float)m.LinkWaitedMs,
+            (float)m.LinkCommunicationMs, (float)m.LinkWaitedMs, allocHi, allocLo,
         ];
         var all = new float[Width * comm.Size];
         comm.AllGather(mine, all);
@@ -246,7 +270,7 @@ internal static class RankJob
         {
             var x = all.AsSpan(r * Width, Width);
             list.Add(new RankMeasurement((int)x[0], (long)(x[1] * 65536.0 + x[2]), x[3], x[4], x[5], x[6], x[7] * 1024.0, x[8] * 1024.0,
-                (x[9] * 65536.0 + x[10]) * 1024.0, x[11], x[12]));
+                (x[9] * 65536.0 + x[10]) * 1024.0, x[11], x[12], x[13] * 65536.0 + x[14]));
         }
         return list;
     }

@@ -50,6 +50,9 @@ internal static class RunExecution
         int ranks = launch.Kind == LaunchKind.Mpich ? launch.Size : s.Ranks;
         if (Validate(s, jobs, ranks, launch.Kind == LaunchKind.Mpich) is { } problem)
             return Refuse(problem);
+        // Under mpiexec every rank would load the MPI library and fail alike: check it before MPI starts, said by rank 0 only.
+        if (launch.Kind == LaunchKind.Mpich && MpichLibrary.Probe().Problem is { } library)
+            return Refuse($"{library} No rank started MPI.");
 
         if (launch.Kind == LaunchKind.None && representative)
             Console.WriteLine($"dsattn run: the representative verified job on {s.Ranks} in-process ranks (no MPI needed). Options: dsattn run --help");

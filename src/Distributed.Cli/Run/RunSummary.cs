@@ -17,9 +17,13 @@ internal static class RunSummary
         text.AppendLine(FormattableString.Invariant($"{"rank",4} {"tokens",10} {"fwd ms",10} {"bwd ms",10} {"compute ms",10} {"comm ms",10} {"GFLOP/s",9}"));
         foreach (var m in r.Ranks)
             text.AppendLine(FormattableString.Invariant($"{m.Rank,4} {m.LocalTokens,10} {m.ForwardMs,10:F1} {(s.Backward ? m.BackwardMs.ToString("F1", CultureInfo.InvariantCulture) : "-"),10} {m.ComputeMs,10:F1} {m.CommunicationMs,10:F1} {m.Gflops(r.Flops, r.Ranks.Count),9:F1}"));
-        text.AppendLine(FormattableString.Invariant($"{"rank",4} {"sent/step",12} {"received/step",14} {(inProcess ? "peak RSS (process)" : "peak RSS (rank)"),20}"));
+        text.AppendLine(FormattableString.Invariant($"{"rank",4} {"sent/step",12} {"received/step",14} {(inProcess ? "peak RSS (process)" : "peak RSS (rank)"),20} {"alloc/step",11}"));
         foreach (var m in r.Ranks)
-            text.AppendLine(FormattableString.Invariant($"{m.Rank,4} {Bytes(m.BytesSentPerStep),12} {Bytes(m.BytesReceivedPerStep),14} {Bytes(m.PeakBytes),20}"));
+            text.AppendLine(FormattableString.Invariant($"{m.Rank,4} {Bytes(m.BytesSentPerStep),12} {Bytes(m.BytesReceivedPerStep),14} {Bytes(m.PeakBytes),20} {(double.IsNaN(m.AllocatedBytesPerStep) ? "-" : Bytes(m.AllocatedBytesPerStep)),11}"));
+        if (s.Iterations > 1)
+            text.AppendLine(inProcess
+                ? FormattableString.Invariant($"alloc/step: managed bytes allocated per step after the first, the process's total / {r.Ranks.Count} ranks")
+                : "alloc/step: managed bytes each rank's process allocated per step after the first");
         if (s.Link is not null)
         {
             // The emulated link: how long each rank's collectives were in flight and how much of that it waited.
@@ -38,6 +42,10 @@ internal static class RunSummary
         foreach (string line in r.NonFiniteOutputs)
             Console.WriteLine($"check finite outputs: {line} FAILED");
     }
+
+    /// <summary>The most managed bytes any rank allocated per step after the first; null with one step.</summary>
+    internal static double? AllocatedPerStep(JobResult r) =>
+        r.Ranks.Count == 0 || r.Ranks.Any(m => double.IsNaN(m.AllocatedBytesPerStep)) ? null : r.Ranks.Max(m => m.AllocatedBytesPerStep);
 
     internal static string Bytes(double b) =>
         b >= 1L << 40 ? FormattableString.Invariant($"{b / (1L << 40):F1} TiB")
@@ -60,6 +68,7 @@ internal static class RunSummary
             backward = s.Backward,
             iterations = s.Iterations,
             flopsPerStep = r.Flops,
+            allocatedBytesPerStep = AllocatedPerStep(r),
             wallMs = r.TotalMs,
             ranks = r.Ranks.Select(m => new
             {
@@ -69,6 +78,7 @@ internal static class RunSummary
                 linkCommMs = s.Link is null ? (double?)null : m.LinkCommunicationMs,
                 linkWaitedMs = s.Link is null ? (double?)null : m.LinkWaitedMs,
                 hiddenFraction = s.Link is null ? (double?)null : m.HiddenFraction,
+                allocatedBytesPerStep = double.IsNaN(m.AllocatedBytesPerStep) ? (double?)null : m.AllocatedBytesPerStep,
             }),
             overlap = s.Overlap,
             link = s.Link is null ? null : new { gigabytesPerSecond = s.Link.BytesPerSecond / 1e9, latencyUs = s.Link.Latency.TotalMicroseconds },

@@ -315,6 +315,78 @@ public sealed class BadInputTests(ITestOutputHelper output) : IDisposable
         File.Delete(unknown);
     }
 
+    /// <summary>An environment case of <c>dsattn launch</c>: a hostfile (null: none), extra launch options, environment
+    /// variables, and what stderr must say (each bad host once, with its line).</summary>
+    public sealed record LaunchCase(string Name, string? Hosts, string Options, string? Library, string[] Says, string[] Once)
+    {
+        public override string ToString() => Name;
+    }
+
+    public static TheoryData<LaunchCase> LaunchCases() =>
+    [
+        // 192.0.2.1 is TEST-NET-1 (RFC 5737), never routed: the probe gets no answer, no route, or a firewall's refusal.
+        new("unreachable host (TEST-NET address, ssh port)", "localhost:2\n192.0.2.1:2\n", "--host-check-timeout 1", null,
+            ["TCP port 22 (ssh", "'ssh 192.0.2.1' works", "--host-check-port"], [":2: host '192.0.2.1' cannot be reached"]),
+        new("unreachable host on a port given", "192.0.2.1\n", "--host-check-port 9 --host-check-timeout 1", null,
+            ["TCP port 9 ("], [":1: host '192.0.2.1' cannot be reached"]),
+        new("unresolvable and unreachable hosts, each named once", "# cluster\nlocalhost\nno-such-host.invalid:4\n192.0.2.1 slots=2\n", "--host-check-timeout 1", null,
+            ["does not resolve", "Fix the name"], [":3: host 'no-such-host.invalid' cannot be reached", ":4: host '192.0.2.1' cannot be reached"]),
+        new("unresolvable host, port probe off", "node7.invalid\n", "--host-check-port 0 --host-check-timeout 1", null,
+            ["does not resolve"], [":1: host 'node7.invalid' cannot be reached"]),
+        new("negative host-check port", "localhost\n", "--host-check-port -1", null, ["--host-check-port must be a TCP port 1 to 65535, or 0"], []),
+        new("zero host-check timeout", "localhost\n", "--host-check-timeout 0", null, ["--host-check-timeout must be a positive number of seconds"], []),
+        new("MPI library missing", null, "", "/nonexistent/libmpich.so.12",
+            ["could not be loaded (no such file)", "apt-get install -y mpich", "Nothing was started"], ["DSATTN_MPI_LIBRARY=/nonexistent/libmpich.so.12"]),
+        new("MPI library that is not MPI", null, "", "libc.so.6",
+            ["not an MPI-3 library", "apt-get install -y mpich", "Nothing was started"], ["libc.so.6 has no MPI_Get_library_version"]),
+    ];
+
+    /// <summary>Environment errors of a launch: refused before mpiexec starts (no command line printed, no rank ran),
+    /// once, naming the hostfile line or the library and the fix, in a few seconds.</summary>
+    [Theory]
+    [MemberData(nameof(LaunchCases))]
+    public void Cli_Launch_EnvironmentError_RefusedOnceBeforeMpiexec(LaunchCase c)
+    {
+        string hostArg = "";
+        string hosts = Path.Combine(_dir, "hosts.txt");
+        if (c.Hosts is not null)
+        {
+            File.WriteAllText(hosts, c.Hosts);
+            hostArg = $"--hostfile {hosts} ";
+        }
+        var env = new Dictionary<string, string?> { [MpichLibrary.LibraryVariable] = c.Library, ["HYDRA_LAUNCHER"] = null };
+        var sw = Stopwatch.StartNew();
+        var r = Dsattn.Run($"launch {hostArg}{c.Options} -n 2 -- run --attention softmax --seq 64 --backend cpu --no-progress", TimeSpan.FromSeconds(60), output, env);
+        sw.Stop();
+        Assert.Equal(2, r.ExitCode);
+        foreach (string s in c.Says) Assert.Contains(s, r.Stderr, StringComparison.Ordinal);
+        foreach (string s in c.Once)
+        {
+            string said = c.Hosts is null ? s : hosts + s;
+            Assert.Equal(1, r.Stderr.Split(said).Length - 1);
+        }
+        Assert.DoesNotContain("   at ", r.Stderr + r.Stdout, StringComparison.Ordinal);
+        Assert.DoesNotContain("mpiexec", r.Stdout, StringComparison.Ordinal);
+        Assert.DoesNotContain("rank 0/", r.Stdout, StringComparison.Ordinal);
+        Assert.Equal(c.Hosts is null ? 0 : 1, Directory.GetFileSystemEntries(_dir).Length);
+        // Lookup and probe are each limited to the 1 s timeout; the rest is starting dotnet on a busy machine.
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(15), $"took {sw.Elapsed}");
+    }
+
+    /// <summary>Under a bare mpiexec every rank would load the library and fail alike: rank 0 says it once, before MPI starts.</summary>
+    [Fact]
+    public void Cli_RunUnderMpiexec_LibraryNotMpi_SaidOnceBeforeMpiStarts()
+    {
+        var r = Dsattn.RunMpi(2, "run --attention softmax --seq 64 --backend cpu --no-progress", TimeSpan.FromSeconds(60), output,
+            new Dictionary<string, string?> { [MpichLibrary.LibraryVariable] = "libc.so.6" });
+        Assert.NotEqual(0, r.ExitCode);
+        string all = r.Stdout + r.Stderr;
+        Assert.Equal(1, all.Split("libc.so.6 has no MPI_Get_library_version").Length - 1);
+        Assert.Contains("No rank started MPI", all, StringComparison.Ordinal);
+        Assert.DoesNotContain("failed:", all, StringComparison.Ordinal);
+        Assert.DoesNotContain("   at ", all, StringComparison.Ordinal);
+    }
+
     /// <summary>Four local tensors q [1, n, H, D], k, v [1, n, Hk, ·], o [1, n, H, Dv] of <see cref="Ok"/>, random.</summary>
     internal static LocalTensors Tensors(IKernelBackend backend, int n, int seed)
     {
