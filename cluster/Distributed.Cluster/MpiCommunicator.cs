@@ -69,10 +69,28 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             Console.Error.WriteLine($"rank {launch.Rank} failed: {e.Message}");
             return 1;
         }
+        MpiProgressMode progress;
+        try
+        {
+            progress = MpiProgress.Requested();
+        }
+        catch (InvalidOperationException e)
+        {
+            Console.Error.WriteLine($"rank {launch.Rank} failed: {e.Message}");
+            return 1;
+        }
         string[] args = [];
         int code;
-        using (new MPI.Environment(ref args))
+        // MPI_THREAD_MULTIPLE: the progress thread tests started requests while the rank's own thread
+        // starts others and runs blocking collectives (and MPICH's own asynchronous progress needs it too).
+        using (new MPI.Environment(ref args, MPI.Threading.Multiple))
         {
+            if (progress == MpiProgressMode.Thread && MPI.Environment.Threading != MPI.Threading.Multiple)
+            {
+                Console.Error.WriteLine($"warning: this MPI library gives thread level {MPI.Environment.Threading}, not Multiple: started collectives advance only inside MPI calls (no progress thread).");
+                progress = MpiProgressMode.Off;
+            }
+            MpiProgress.Configure(progress);
             var world = new MpiCommunicator(CommWorld, owned: false);
             s_worldRank = world.Rank;
             try
@@ -255,7 +273,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             Irecv(request.ReceivePointer, receive.Length, source, SendRecvTag, _comm, &h[0]);
             Isend(request.SendPointer, send.Length, destination, SendRecvTag, _comm, &h[1]);
         }
-        return request;
+        return request.Started();
     }
 
     /// <inheritdoc/>
@@ -266,7 +284,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         Enter(CommOp.AllGather, send.Length, receive.Length);
         var request = new MpiRequest(this, send.Pin(), receive.Pin(), 1, -1, 0);
         fixed (int* h = request.Handles) Iallgather(request.SendPointer, send.Length, request.ReceivePointer, send.Length, _comm, h);
-        return request;
+        return request.Started();
     }
 
     /// <inheritdoc/>
@@ -279,7 +297,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         Enter(CommOp.AllReduce, send.Length, receive.Length);
         var request = new MpiRequest(this, inPlace ? default : send.Pin(), receive.Pin(), 1, -1, 0);
         fixed (int* h = request.Handles) IallreduceSum(inPlace ? InPlace : request.SendPointer, request.ReceivePointer, receive.Length, _comm, h);
-        return request;
+        return request.Started();
     }
 
     /// <inheritdoc/>
@@ -382,8 +400,16 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         }
         catch (InvalidOperationException e)
         {
-            throw new InvalidOperationException($"SendRecv: the exchange with rank {source} failed on rank {Rank} (receive buffer: {expected} floats): {e.Message}", e);
+            throw ExchangeFailed(source, expected, e);
         }
+        CheckReceived(statuses, source, expected);
+    }
+
+    private InvalidOperationException ExchangeFailed(int source, int expected, Exception e) =>
+        new($"SendRecv: the exchange with rank {source} failed on rank {Rank} (receive buffer: {expected} floats): {e.Message}", e);
+
+    private void CheckReceived(MpiStatus* statuses, int source, int expected)
+    {
         int got = ReceivedFloats(&statuses[0]);
         if (got != expected)
             throw new InvalidOperationException($"SendRecv: rank {source} sent {got} floats but rank {Rank} expects {expected}.");
@@ -422,6 +448,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         private readonly int _expected;
         private MemoryHandle _send;
         private MemoryHandle _receive;
+        private MpiProgress.Entry? _tracked;
         private bool _waited;
 
         public MpiRequest(MpiCommunicator owner, MemoryHandle send, MemoryHandle receive, int count, int source, int expected)
@@ -442,12 +469,31 @@ public sealed unsafe class MpiCommunicator : ICommunicator
 
         public void* ReceivePointer => _receive.Pointer;
 
+        /// <summary>Called once the requests are started: under <see cref="MpiProgressMode.Thread"/> the
+        /// progress thread takes them over, so they advance while this rank computes.</summary>
+        public MpiRequest Started()
+        {
+            if (MpiProgress.Mode == MpiProgressMode.Thread) _tracked = MpiProgress.Track(Handles);
+            return this;
+        }
+
         public override void Wait()
         {
             if (_waited) throw new InvalidOperationException("Wait was already called on this request.");
             _waited = true;
             try
             {
+                if (_tracked is { } tracked)
+                {
+                    // The progress thread tests the requests; this thread sleeps in the kernel until it is done.
+                    tracked.Done.Wait();
+                    tracked.Done.Dispose();
+                    if (tracked.Error is { } error)
+                        throw _source >= 0 ? _owner.ExchangeFailed(_source, _expected, error) : error;
+                    if (_source >= 0)
+                        fixed (MpiStatus* s = tracked.Statuses) _owner.CheckReceived(s, _source, _expected);
+                    return;
+                }
                 MpiStatus* statuses = stackalloc MpiStatus[Handles.Length];
                 fixed (int* h = Handles)
                 {
