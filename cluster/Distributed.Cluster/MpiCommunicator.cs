@@ -8,7 +8,9 @@ namespace Distributed.Cluster;
 /// A communicator over an MPICH-ABI library (see <see cref="MpichLibrary"/>). MPI.NET 1.4.0 initialises
 /// and finalises MPI and aborts a failing job; the data moves through MPICH's non-blocking collectives
 /// (<see cref="MpichNative"/>) straight from and into the caller's pinned spans, without staging copies.
-/// Every call, blocking or started, waits with a polite poll (<see cref="WaitAll"/>): MPICH's own blocking
+/// MPI is initialised with MPI_THREAD_MULTIPLE, and a started collective is handed to the process's progress
+/// thread (<see cref="MpiProgress"/>, unless <c>DSATTN_MPI_PROGRESS=off</c>), so it completes while the rank
+/// computes and its Wait sleeps in the kernel. A blocking call waits with a polite poll (<see cref="WaitAll"/>): MPICH's own blocking
 /// calls spin on a core for as long as they wait, which takes that core from the ranks that compute
 /// when several ranks share a machine's cores. MPI.NET's own data calls must stay unused: its datatype
 /// cache commits derived datatypes that it never frees, and MPICH 4 reports them at finalize on every
@@ -348,7 +350,8 @@ public sealed unsafe class MpiCommunicator : ICommunicator
     // waits politely in a barrier, where ranks wait for peers still computing, and then moves its data
     // with the peers known to be present, yielding instead of napping (PresentYieldTests) before any
     // nap: 0.16-0.20 s.
-    // Started collectives cannot do that (their peers are computing by design) and always wait politely.
+    // Started collectives cannot do that (their peers are computing by design): the progress thread tests
+    // them with back-off (MpiProgress), or, with DSATTN_MPI_PROGRESS=off, their Wait polls politely.
     private const int SpinTests = 64;
     private const int SpinPause = 20;
     private const int YieldTests = 16;

@@ -37,8 +37,18 @@ internal static unsafe class MpiProgress
     /// <summary>First nap after the yields, in nanoseconds.</summary>
     internal const long FirstNapNs = 20_000;
     /// <summary>Longest nap between two tests, in nanoseconds: bounds the delay a completed transfer (or one
-    /// step of a multi-step collective algorithm) waits to be noticed.</summary>
-    internal const long MaxNapNs = 200_000;
+    /// step of a multi-step collective algorithm) waits to be noticed, and sets the thread's cost while a
+    /// request is outstanding (one wake-up per nap). <c>DSATTN_MPI_PROGRESS_NAP_US</c> overrides it.</summary>
+    internal static long MaxNapNs { get; private set; } = 200_000;
+
+    private static long NapFromEnvironment()
+    {
+        string? value = System.Environment.GetEnvironmentVariable("DSATTN_MPI_PROGRESS_NAP_US");
+        if (value is null) return MaxNapNs;
+        if (!double.TryParse(value, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double us) || !(us >= 1) || us > 1e6)
+            throw new InvalidOperationException($"DSATTN_MPI_PROGRESS_NAP_US={value} is not a nap: give microseconds between 1 and 1000000, e.g. 200.");
+        return (long)(us * 1000);
+    }
 
     private static readonly object Gate = new();
     private static readonly List<Entry> Pending = [];
@@ -49,9 +59,11 @@ internal static unsafe class MpiProgress
     /// <summary>The mode in force (set once by <see cref="MpiCommunicator.RunWorld"/>).</summary>
     public static MpiProgressMode Mode => s_mode;
 
-    /// <summary>The mode <see cref="EnvironmentVariable"/> asks for; a bad value is refused naming the fix.</summary>
+    /// <summary>The mode <see cref="EnvironmentVariable"/> asks for (and the nap cap DSATTN_MPI_PROGRESS_NAP_US
+    /// sets); a bad value is refused naming the fix.</summary>
     public static MpiProgressMode Requested()
     {
+        MaxNapNs = NapFromEnvironment();
         string? value = System.Environment.GetEnvironmentVariable(EnvironmentVariable);
         return value?.Trim().ToLowerInvariant() switch
         {
