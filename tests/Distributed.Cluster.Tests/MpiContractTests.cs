@@ -102,8 +102,8 @@ public sealed class MpiContractTests(ITestOutputHelper output)
     {
         // With the progress thread every rank's receive buffer fills during its compute loop, before it
         // calls Wait (or anything else in MPI).
-        foreach (var (rank, arrived, wait) in Progress(ranks, "thread", 2000))
-            Assert.True(arrived >= 0, $"rank {rank}: the all-gather had not arrived after 2 s of compute (Wait then took {wait} ms)");
+        foreach (var (rank, arrived, wait) in Progress(ranks, "thread", 3000))
+            Assert.True(arrived >= 0, $"rank {rank}: the all-gather had not arrived after 3 s of compute (Wait then took {wait} ms)");
     }
 
     [Fact]
@@ -148,6 +148,16 @@ public sealed class MpiContractTests(ITestOutputHelper output)
         Assert.Equal(1, r.ExitCode);
         Assert.Contains("rank 0 failed: DSATTN_MPI_LIBRARY=/nonexistent/libmpich.so.12 could not be loaded", r.Stderr, StringComparison.Ordinal);
         Assert.Contains("MPICH-ABI", r.Stderr, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData("DSATTN_MPI_PROGRESS", "spin", "DSATTN_MPI_PROGRESS=spin is not a progress mode: use 'thread'")]
+    [InlineData("DSATTN_MPI_PROGRESS_NAP_US", "0", "DSATTN_MPI_PROGRESS_NAP_US=0 is not a nap: give microseconds between 1 and 1000000")]
+    public void ProgressSettings_Bad_RefusedWithTheFix(string variable, string value, string message)
+    {
+        var r = Direct(TimeSpan.FromSeconds(60), new() { [variable] = value }, "contract");
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains($"rank 0 failed: {message}", r.Stderr, StringComparison.Ordinal);
     }
 
     [Fact]
