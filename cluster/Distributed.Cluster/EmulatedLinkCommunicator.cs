@@ -55,7 +55,22 @@ public sealed class LinkStatistics
     /// <summary>Forgets everything counted so far (e.g. after a warm-up step).</summary>
     public void Reset()
     {
-        lock (_lock) { _comm = 0; _waited = 0; _collectives = 0; }
+        lock (_lock) { _comm = 0; _waited = 0; _collectives = 0; _busyUntil = 0; }
+    }
+
+    private long _busyUntil;
+
+    /// <summary>Books the rank's link for a transfer that is ready at <paramref name="ready"/> and occupies the
+    /// link for <paramref name="duration"/> (Stopwatch ticks): transfers in flight together queue behind each
+    /// other instead of sharing an unbounded link. Returns when it completes.</summary>
+    internal long Book(long ready, long duration)
+    {
+        lock (_lock)
+        {
+            long start = Math.Max(ready, _busyUntil);
+            _busyUntil = start + duration;
+            return _busyUntil;
+        }
     }
 
     internal void Add(double commMs, double waitedMs)
@@ -66,7 +81,9 @@ public sealed class LinkStatistics
 
 /// <summary>
 /// Wraps a communicator so that it behaves like one on a slower <see cref="EmulatedLink"/>: each collective
-/// completes no earlier than <c>start + latency + received bytes / bandwidth</c>, a blocking one by sleeping out
+/// completes no earlier than <c>start + latency + received bytes / bandwidth</c>, where start is when it was
+/// called or, when an earlier started transfer of this rank still occupies the link, when that one ends (two
+/// transfers in flight together take the sum of their times, not the longer one), a blocking one by sleeping out
 /// the rest, a started one (<see cref="StartAllGather"/>, ...) in its <see cref="CommRequest.Wait"/>, so time
 /// spent computing between start and wait hides the link exactly as it would hide a real transfer. Works over
 /// any communicator (in-process threads or MPI), so the schemes are unchanged. Received bytes per collective:
@@ -165,21 +182,21 @@ public sealed class EmulatedLinkCommunicator : ICommunicator
     public CommRequest StartSendRecv(ReadOnlyMemory<float> send, int destination, Memory<float> receive, int source)
     {
         long t0 = Stopwatch.GetTimestamp();
-        return new LinkRequest(this, _inner.StartSendRecv(send, destination, receive, source), t0, (double)receive.Length * sizeof(float));
+        return Started(_inner.StartSendRecv(send, destination, receive, source), t0, (double)receive.Length * sizeof(float));
     }
 
     /// <inheritdoc/>
     public CommRequest StartAllGather(ReadOnlyMemory<float> send, Memory<float> receive)
     {
         long t0 = Stopwatch.GetTimestamp();
-        return new LinkRequest(this, _inner.StartAllGather(send, receive), t0, (double)(receive.Length - send.Length) * sizeof(float));
+        return Started(_inner.StartAllGather(send, receive), t0, (double)(receive.Length - send.Length) * sizeof(float));
     }
 
     /// <inheritdoc/>
     public CommRequest StartAllReduceSum(ReadOnlyMemory<float> send, Memory<float> receive)
     {
         long t0 = Stopwatch.GetTimestamp();
-        return new LinkRequest(this, _inner.StartAllReduceSum(send, receive), t0, 2 * Others(receive.Length));
+        return Started(_inner.StartAllReduceSum(send, receive), t0, 2 * Others(receive.Length));
     }
 
     /// <inheritdoc/>
@@ -199,13 +216,20 @@ public sealed class EmulatedLinkCommunicator : ICommunicator
         if (_ownsInner) _inner.Dispose();
     }
 
-    private long Deadline(long t0, double receivedBytes) =>
-        Size > 1 ? t0 + (long)(Link.TimeFor(receivedBytes).TotalSeconds * Stopwatch.Frequency) : t0;
+    /// <summary>The link's time for <paramref name="receivedBytes"/>, in Stopwatch ticks (0 with one rank).</summary>
+    private long Duration(double receivedBytes) =>
+        Size > 1 ? (long)(Link.TimeFor(receivedBytes).TotalSeconds * Stopwatch.Frequency) : 0;
+
+    private LinkRequest Started(CommRequest inner, long t0, double receivedBytes)
+    {
+        long duration = Duration(receivedBytes);
+        return new LinkRequest(this, inner, Statistics.Book(t0, duration), duration);
+    }
 
     /// <summary>A blocking collective: the whole of it is waited for, so none of it is hidden.</summary>
     private void Blocking(long t0, double receivedBytes)
     {
-        SleepUntil(Deadline(t0, receivedBytes));
+        SleepUntil(Statistics.Book(t0, Duration(receivedBytes)));
         double ms = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
         Statistics.Add(ms, ms);
     }
@@ -223,20 +247,20 @@ public sealed class EmulatedLinkCommunicator : ICommunicator
     }
 
     /// <summary>
-    /// A started collective on the link. Its communication time is the link's time for it; the rank waited
-    /// from calling Wait until both the inner operation and the link's deadline were done. Waiting for a
-    /// slower peer (load imbalance) therefore counts as waited, never as hidden.
+    /// A started collective on the link, done on the link at <paramref name="deadline"/>. Its communication
+    /// time is the link's time for it (<paramref name="duration"/>, not the time it queued behind another
+    /// transfer); the rank waited from calling Wait until both the inner operation and the deadline were
+    /// done. Waiting for a slower peer (load imbalance) therefore counts as waited, never as hidden.
     /// </summary>
-    private sealed class LinkRequest(EmulatedLinkCommunicator owner, CommRequest inner, long started, double receivedBytes) : CommRequest
+    private sealed class LinkRequest(EmulatedLinkCommunicator owner, CommRequest inner, long deadline, long duration) : CommRequest
     {
         public override void Wait()
         {
             long w0 = Stopwatch.GetTimestamp();
             inner.Wait();
-            long deadline = owner.Deadline(started, receivedBytes);
             SleepUntil(deadline);
             double waited = Stopwatch.GetElapsedTime(w0).TotalMilliseconds;
-            double link = (deadline - started) * 1000.0 / Stopwatch.Frequency;
+            double link = duration * 1000.0 / Stopwatch.Frequency;
             owner.Statistics.Add(Math.Max(link, waited), waited);
         }
     }

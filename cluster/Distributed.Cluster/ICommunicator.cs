@@ -95,7 +95,7 @@ public abstract class CommRequest
 {
     /// <summary>Blocks until the operation has completed on this rank (its receive buffer holds the
     /// result and its send buffer may be reused). Call exactly once, on the thread that started it or
-    /// serialised with every other call into the communicator. Under MPI the wait polls politely: it
-    /// gives the core away while it waits instead of spinning.</summary>
+    /// serialised with every other call into the communicator. Under MPI the operation advances while
+    /// the rank computes (a progress thread tests it) and the wait sleeps until it is done, without spinning.</summary>
     public abstract void Wait();
 }

@@ -8,7 +8,9 @@ namespace Distributed.Cluster;
 /// A communicator over an MPICH-ABI library (see <see cref="MpichLibrary"/>). MPI.NET 1.4.0 initialises
 /// and finalises MPI and aborts a failing job; the data moves through MPICH's non-blocking collectives
 /// (<see cref="MpichNative"/>) straight from and into the caller's pinned spans, without staging copies.
-/// Every call, blocking or started, waits with a polite poll (<see cref="WaitAll"/>): MPICH's own blocking
+/// MPI is initialised with MPI_THREAD_MULTIPLE, and a started collective is handed to the process's progress
+/// thread (<see cref="MpiProgress"/>, unless <c>DSATTN_MPI_PROGRESS=off</c>), so it completes while the rank
+/// computes and its Wait sleeps in the kernel. A blocking call waits with a polite poll (<see cref="WaitAll"/>): MPICH's own blocking
 /// calls spin on a core for as long as they wait, which takes that core from the ranks that compute
 /// when several ranks share a machine's cores. MPI.NET's own data calls must stay unused: its datatype
 /// cache commits derived datatypes that it never frees, and MPICH 4 reports them at finalize on every
@@ -69,10 +71,28 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             Console.Error.WriteLine($"rank {launch.Rank} failed: {e.Message}");
             return 1;
         }
+        MpiProgressMode progress;
+        try
+        {
+            progress = MpiProgress.Requested();
+        }
+        catch (InvalidOperationException e)
+        {
+            Console.Error.WriteLine($"rank {launch.Rank} failed: {e.Message}");
+            return 1;
+        }
         string[] args = [];
         int code;
-        using (new MPI.Environment(ref args))
+        // MPI_THREAD_MULTIPLE: the progress thread tests started requests while the rank's own thread
+        // starts others and runs blocking collectives (and MPICH's own asynchronous progress needs it too).
+        using (new MPI.Environment(ref args, MPI.Threading.Multiple))
         {
+            if (progress == MpiProgressMode.Thread && MPI.Environment.Threading != MPI.Threading.Multiple)
+            {
+                Console.Error.WriteLine($"warning: this MPI library gives thread level {MPI.Environment.Threading}, not Multiple: started collectives advance only inside MPI calls (no progress thread).");
+                progress = MpiProgressMode.Off;
+            }
+            MpiProgress.Configure(progress);
             var world = new MpiCommunicator(CommWorld, owned: false);
             s_worldRank = world.Rank;
             try
@@ -255,7 +275,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
             Irecv(request.ReceivePointer, receive.Length, source, SendRecvTag, _comm, &h[0]);
             Isend(request.SendPointer, send.Length, destination, SendRecvTag, _comm, &h[1]);
         }
-        return request;
+        return request.Started();
     }
 
     /// <inheritdoc/>
@@ -266,7 +286,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         Enter(CommOp.AllGather, send.Length, receive.Length);
         var request = new MpiRequest(this, send.Pin(), receive.Pin(), 1, -1, 0);
         fixed (int* h = request.Handles) Iallgather(request.SendPointer, send.Length, request.ReceivePointer, send.Length, _comm, h);
-        return request;
+        return request.Started();
     }
 
     /// <inheritdoc/>
@@ -279,7 +299,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         Enter(CommOp.AllReduce, send.Length, receive.Length);
         var request = new MpiRequest(this, inPlace ? default : send.Pin(), receive.Pin(), 1, -1, 0);
         fixed (int* h = request.Handles) IallreduceSum(inPlace ? InPlace : request.SendPointer, request.ReceivePointer, receive.Length, _comm, h);
-        return request;
+        return request.Started();
     }
 
     /// <inheritdoc/>
@@ -330,7 +350,8 @@ public sealed unsafe class MpiCommunicator : ICommunicator
     // waits politely in a barrier, where ranks wait for peers still computing, and then moves its data
     // with the peers known to be present, yielding instead of napping (PresentYieldTests) before any
     // nap: 0.16-0.20 s.
-    // Started collectives cannot do that (their peers are computing by design) and always wait politely.
+    // Started collectives cannot do that (their peers are computing by design): the progress thread tests
+    // them with back-off (MpiProgress), or, with DSATTN_MPI_PROGRESS=off, their Wait polls politely.
     private const int SpinTests = 64;
     private const int SpinPause = 20;
     private const int YieldTests = 16;
@@ -382,8 +403,16 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         }
         catch (InvalidOperationException e)
         {
-            throw new InvalidOperationException($"SendRecv: the exchange with rank {source} failed on rank {Rank} (receive buffer: {expected} floats): {e.Message}", e);
+            throw ExchangeFailed(source, expected, e);
         }
+        CheckReceived(statuses, source, expected);
+    }
+
+    private InvalidOperationException ExchangeFailed(int source, int expected, Exception e) =>
+        new($"SendRecv: the exchange with rank {source} failed on rank {Rank} (receive buffer: {expected} floats): {e.Message}", e);
+
+    private void CheckReceived(MpiStatus* statuses, int source, int expected)
+    {
         int got = ReceivedFloats(&statuses[0]);
         if (got != expected)
             throw new InvalidOperationException($"SendRecv: rank {source} sent {got} floats but rank {Rank} expects {expected}.");
@@ -422,6 +451,7 @@ public sealed unsafe class MpiCommunicator : ICommunicator
         private readonly int _expected;
         private MemoryHandle _send;
         private MemoryHandle _receive;
+        private MpiProgress.Entry? _tracked;
         private bool _waited;
 
         public MpiRequest(MpiCommunicator owner, MemoryHandle send, MemoryHandle receive, int count, int source, int expected)
@@ -442,12 +472,31 @@ public sealed unsafe class MpiCommunicator : ICommunicator
 
         public void* ReceivePointer => _receive.Pointer;
 
+        /// <summary>Called once the requests are started: under <see cref="MpiProgressMode.Thread"/> the
+        /// progress thread takes them over, so they advance while this rank computes.</summary>
+        public MpiRequest Started()
+        {
+            if (MpiProgress.Mode == MpiProgressMode.Thread) _tracked = MpiProgress.Track(Handles);
+            return this;
+        }
+
         public override void Wait()
         {
             if (_waited) throw new InvalidOperationException("Wait was already called on this request.");
             _waited = true;
             try
             {
+                if (_tracked is { } tracked)
+                {
+                    // The progress thread tests the requests; this thread sleeps in the kernel until it is done.
+                    tracked.Done.Wait();
+                    tracked.Done.Dispose();
+                    if (tracked.Error is { } error)
+                        throw _source >= 0 ? _owner.ExchangeFailed(_source, _expected, error) : error;
+                    if (_source >= 0)
+                        fixed (MpiStatus* s = tracked.Statuses) _owner.CheckReceived(s, _source, _expected);
+                    return;
+                }
                 MpiStatus* statuses = stackalloc MpiStatus[Handles.Length];
                 fixed (int* h = Handles)
                 {

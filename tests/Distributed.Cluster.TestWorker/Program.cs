@@ -9,6 +9,11 @@ using Distributed.Cluster.TestWorker;
 //   runner-fail <R>  as fail, through RankRunner (MPI under mpiexec, else 3 in-process ranks)
 //   wait-cpu    rank 0 computes (sleeps) 2 s while the others wait in a barrier, a large all-gather and a
 //               started all-gather's Wait; each waiter prints "WAITCPU <op> <rank> <cpu ms> <wall ms>"
+//   progress <ms> [floats]  every rank starts an all-gather of [floats] (default 512 Ki: 2 MiB) floats per
+//               rank, then computes for <ms> ms without calling MPI, watching its receive buffer; prints
+//               "PROGRESS <rank> <arrived ms or -1> <wait ms> <cpu ms>": when every peer's block was there
+//               (-1: not before Wait), how long Wait took after the compute, and the process CPU time used
+//               (DSATTN_MPI_PROGRESS picks the progress mode)
 //   bench [P]   times AllGather / AllReduceSum / SendRecv ring on 1 Mi floats (MPI under mpiexec, else P in-process ranks)
 string mode = args.Length > 0 ? args[0] : "contract";
 if (mode == "bench")
@@ -84,6 +89,39 @@ return MpiCommunicator.RunWorld(comm =>
             self.Refresh();
             if (comm.Rank != 0) Console.WriteLine($"WAITCPU {name} {comm.Rank} {(self.TotalProcessorTime - cpu).TotalMilliseconds:F0} {wall.Elapsed.TotalMilliseconds:F0}");
         }
+        comm.Barrier();
+        return 0;
+    }
+    if (mode == "progress")
+    {
+        double computeMs = double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture);
+        int n = args.Length > 2 ? int.Parse(args[2], System.Globalization.CultureInfo.InvariantCulture) : 1 << 19;
+        var send = Enumerable.Range(0, n).Select(i => CommunicatorContract.V(comm.Rank, i)).ToArray();
+        var gathered = new float[n * comm.Size];
+        Array.Fill(gathered, float.NaN);
+        comm.Barrier();
+        using var self = System.Diagnostics.Process.GetCurrentProcess();
+        var cpu = self.TotalProcessorTime;
+        var request = comm.StartAllGather(send, gathered);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        double arrived = -1, busy = 0;
+        // "Compute": arithmetic over the send block, no MPI call; every pass looks whether every peer's block
+        // (its first and last element) has landed in the receive buffer.
+        while (clock.Elapsed.TotalMilliseconds < computeMs)
+        {
+            for (int i = 0; i < 4096; i++) busy += Math.Sqrt(send[i % n] + i);
+            if (arrived < 0 && Enumerable.Range(0, comm.Size).All(r => Volatile.Read(ref gathered[r * n]) == CommunicatorContract.V(r, 0)
+                && Volatile.Read(ref gathered[r * n + n - 1]) == CommunicatorContract.V(r, n - 1)))
+                arrived = clock.Elapsed.TotalMilliseconds;
+        }
+        var waitClock = System.Diagnostics.Stopwatch.StartNew();
+        request.Wait();
+        double waitMs = waitClock.Elapsed.TotalMilliseconds;
+        self.Refresh();
+        for (int r = 0; r < comm.Size; r++)
+            for (int i = 0; i < n; i += 997)
+                if (gathered[r * n + i] != CommunicatorContract.V(r, i)) throw new InvalidOperationException($"all-gather block {r}[{i}] = {gathered[r * n + i]}, expected {CommunicatorContract.V(r, i)}");
+        Console.WriteLine(FormattableString.Invariant($"PROGRESS {comm.Rank} {arrived:F1} {waitMs:F2} {(self.TotalProcessorTime - cpu).TotalMilliseconds:F0} {(busy > 0 ? "" : " ")}"));
         comm.Barrier();
         return 0;
     }

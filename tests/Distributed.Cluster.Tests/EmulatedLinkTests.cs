@@ -80,6 +80,33 @@ public sealed class EmulatedLinkTests
     }
 
     [Fact]
+    public void TwoStartedTransfers_QueueOnTheLink()
+    {
+        // Two 80 ms send/receives in flight together share the link: the second completes no earlier than
+        // 160 ms after the first started, and each counts its own 80 ms (not the time it queued).
+        var link = EmulatedLink.FromGigabytesPerSecond(1000, 80_000);
+        var results = InProcessCommunicator.Run(2, inner =>
+        {
+            using var comm = new EmulatedLinkCommunicator(inner, link);
+            int peer = 1 - comm.Rank;
+            var a = new float[1];
+            var b = new float[1];
+            var sw = Stopwatch.StartNew();
+            var first = comm.StartSendRecv(new float[] { comm.Rank }, peer, a, peer);
+            var second = comm.StartSendRecv(new float[] { comm.Rank + 10 }, peer, b, peer);
+            first.Wait();
+            second.Wait();
+            Assert.Equal([peer, peer + 10f], new[] { a[0], b[0] });
+            return (sw.Elapsed.TotalMilliseconds, comm.Statistics.CommunicationMs);
+        }, Limit);
+        foreach (var (ms, comm) in results)
+        {
+            Assert.True(ms >= 159, $"two transfers on one link took {ms:F1} ms, less than 2 × 80 ms");
+            Assert.True(comm >= 159 && comm < 400, $"communication {comm:F1} ms, expected about 2 × 80 ms");
+        }
+    }
+
+    [Fact]
     public void OneRank_AddsNothing()
     {
         var link = EmulatedLink.FromGigabytesPerSecond(0.000001, 1_000_000);

@@ -79,6 +79,42 @@ public sealed class MpiContractTests(ITestOutputHelper output)
         AssertCleanFinalize(r);
     }
 
+    /// <summary>Runs the progress worker (every rank starts a 2 MiB-per-rank all-gather, then computes for
+    /// <paramref name="computeMs"/> without calling MPI) and returns per rank (arrived ms or -1, wait ms).</summary>
+    private List<(int Rank, double ArrivedMs, double WaitMs)> Progress(int ranks, string mode, int computeMs)
+    {
+        var timeout = TimeSpan.FromSeconds(120);
+        var r = Report(MpiLauncher.Run(Mpiexec, MpiLauncher.BuildArguments(ranks, null, "dotnet", [Worker, "progress", computeMs.ToString(System.Globalization.CultureInfo.InvariantCulture)]), timeout,
+            environment: new Dictionary<string, string?> { ["DSATTN_MPI_PROGRESS"] = mode }), timeout);
+        Assert.Equal(0, r.ExitCode);
+        var rows = r.Stdout.Split('\n', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
+            .Where(l => l.StartsWith("PROGRESS ", StringComparison.Ordinal)).Select(l => l.Split(' '))
+            .Select(w => (int.Parse(w[1], System.Globalization.CultureInfo.InvariantCulture), double.Parse(w[2], System.Globalization.CultureInfo.InvariantCulture), double.Parse(w[3], System.Globalization.CultureInfo.InvariantCulture)))
+            .ToList();
+        Assert.Equal(ranks, rows.Count);
+        return rows;
+    }
+
+    [Theory]
+    [InlineData(2)]
+    [InlineData(4)]
+    public void StartedAllGather_CompletesWhileTheStarterComputes(int ranks)
+    {
+        // With the progress thread every rank's receive buffer fills during its compute loop, before it
+        // calls Wait (or anything else in MPI).
+        foreach (var (rank, arrived, wait) in Progress(ranks, "thread", 3000))
+            Assert.True(arrived >= 0, $"rank {rank}: the all-gather had not arrived after 3 s of compute (Wait then took {wait} ms)");
+    }
+
+    [Fact]
+    public void StartedAllGather_WithoutProgress_WaitsForWait()
+    {
+        // The contrast that shows the test above can fail: without the progress thread nothing moves the
+        // transfer while every rank computes, so the data is not all there before Wait.
+        var rows = Progress(2, "off", 500);
+        Assert.Contains(rows, row => row.ArrivedMs < 0);
+    }
+
     [Fact]
     public void Contract_HoldsAsSingletonWithoutMpiexec()
     {
@@ -112,6 +148,16 @@ public sealed class MpiContractTests(ITestOutputHelper output)
         Assert.Equal(1, r.ExitCode);
         Assert.Contains("rank 0 failed: DSATTN_MPI_LIBRARY=/nonexistent/libmpich.so.12 could not be loaded", r.Stderr, StringComparison.Ordinal);
         Assert.Contains("MPICH-ABI", r.Stderr, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData("DSATTN_MPI_PROGRESS", "spin", "DSATTN_MPI_PROGRESS=spin is not a progress mode: use 'thread'")]
+    [InlineData("DSATTN_MPI_PROGRESS_NAP_US", "0", "DSATTN_MPI_PROGRESS_NAP_US=0 is not a nap: give microseconds between 1 and 1000000")]
+    public void ProgressSettings_Bad_RefusedWithTheFix(string variable, string value, string message)
+    {
+        var r = Direct(TimeSpan.FromSeconds(60), new() { [variable] = value }, "contract");
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains($"rank 0 failed: {message}", r.Stderr, StringComparison.Ordinal);
     }
 
     [Fact]

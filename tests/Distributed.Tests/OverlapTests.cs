@@ -8,7 +8,8 @@ using Xunit.Abstractions;
 namespace Distributed.Tests;
 
 /// <summary>
-/// LASP-2 with the state all-gather hidden behind the intra-chunk work: the same results as the blocking path
+/// LASP-2 with the state all-gather hidden behind the intra-chunk work, and ring attention with its K/V blocks
+/// (and, in backward, dK/dV accumulators) in flight during block compute: the same results as the blocking path
 /// (within fp32 rounding), bitwise the same from run to run, and on an emulated slow link the rank waits for
 /// clearly less than the link's time. (Both paths against the fp64 reference for P = 1..4: <see cref="SchemeTests"/>.)
 /// </summary>
@@ -40,6 +41,75 @@ public sealed class OverlapTests(ITestOutputHelper output)
             output.WriteLine($"P={ranks} {name}: overlap on vs off relative difference {e:E2}");
             Assert.True(e <= 1e-5, $"{name}: overlap on and off differ by {e:E2} (more than fp32 rounding)");
         }
+    }
+
+    private static SchemeTests.Case Ring(bool overlap, bool causal) =>
+        new($"ring overlap {overlap}", AttentionKind.Softmax, ParallelScheme.Ring, causal, causal ? ShardLayout.Zigzag : ShardLayout.Contiguous,
+            null, N: 203, Hk: 2, Overlap: overlap);
+
+    [Theory]
+    [InlineData(true, 2)]
+    [InlineData(true, 4)]
+    [InlineData(false, 3)]
+    public void Ring_OverlapOnAndOff_EqualWithinFp32Rounding_OnBitwiseRepeatable(bool causal, int ranks)
+    {
+        // The backward overlaps both streams (the next K/V block and the travelling dK/dV accumulator).
+        var on = Ring(true, causal);
+        var (q, k, v, dO) = Inputs(on);
+        var a = SchemeTests.RunDistributed(on, ranks, q, k, v, dO);
+        var b = SchemeTests.RunDistributed(on, ranks, q, k, v, dO);
+        var off = SchemeTests.RunDistributed(Ring(false, causal), ranks, q, k, v, dO);
+        foreach (var (name, x, y, z) in new[] { ("O", a.O, b.O, off.O), ("dQ", a.DQ, b.DQ, off.DQ), ("dK", a.DK, b.DK, off.DK), ("dV", a.DV, b.DV, off.DV) })
+        {
+            Assert.True(x.AsSpan().SequenceEqual(y), $"{name}: two overlapped runs differ");
+            double e = ReferenceAttention.RelativeError(x, z.Select(f => (double)f).ToArray());
+            output.WriteLine($"P={ranks} {name}: overlap on vs off relative difference {e:E2} (bitwise equal: {x.AsSpan().SequenceEqual(z)})");
+            Assert.True(e <= 1e-5, $"{name}: overlap on and off differ by {e:E2} (more than fp32 rounding)");
+        }
+    }
+
+    /// <summary>Each rank's hidden share of its link time over one ring forward + backward step on 3 ranks.</summary>
+    private static double[] RingHiddenOnEmulatedLink(bool overlap, bool backwardOnly)
+    {
+        // Causal softmax, 3 ranks, 1,536 tokens: each block step computes for tens of milliseconds per rank on
+        // one thread; every transfer gets 5 ms of link time. The backward's last transfer (every block going
+        // home) has nothing left to hide behind, so a fully overlapped backward hides about 4 of its 5 transfers.
+        var shape = new AttentionShape(1, 1536, 4, 4, 64, 64);
+        var options = new SequenceParallelOptions { Attention = AttentionKind.Softmax, Scheme = ParallelScheme.Ring, Causal = true, Overlap = overlap };
+        var link = EmulatedLink.FromGigabytesPerSecond(1000, 5_000);
+        return InProcessCommunicator.Run(3, inner =>
+        {
+            using var comm = new EmulatedLinkCommunicator(inner, link);
+            using var backend = new CpuBackend(1);
+            using var attention = new SequenceParallelAttention(comm, backend, shape, options);
+            int n = attention.LocalTokens;
+            var rng = new Random(7 + comm.Rank);
+            DeviceTensor Make()
+            {
+                var t = backend.Allocate(1, n, 4, 64);
+                t.CopyFromHost(Enumerable.Range(0, n * 4 * 64).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray());
+                return t;
+            }
+            using DeviceTensor q = Make(), k = Make(), v = Make(), dO = Make();
+            using DeviceTensor o = backend.Allocate(1, n, 4, 64), dq = backend.Allocate(1, n, 4, 64), dk = backend.Allocate(1, n, 4, 64), dv = backend.Allocate(1, n, 4, 64);
+            comm.Statistics.Reset();
+            attention.Forward(q, k, v, o);
+            if (backwardOnly) comm.Statistics.Reset();
+            attention.Backward(dO, dq, dk, dv);
+            return comm.Statistics.HiddenFraction;
+        }, TimeSpan.FromSeconds(120));
+    }
+
+    [Fact]
+    public void Ring_Backward_OnAnEmulatedSlowLink_OverlapHidesCommunication_BlockingHidesNone()
+    {
+        var on = RingHiddenOnEmulatedLink(overlap: true, backwardOnly: true);
+        var off = RingHiddenOnEmulatedLink(overlap: false, backwardOnly: true);
+        output.WriteLine($"ring backward hidden with overlap: {string.Join(", ", on.Select(h => h.ToString("P0")))}; without: {string.Join(", ", off.Select(h => h.ToString("P0")))}");
+        // Loose, and over the ranks' mean: on a loaded machine one rank can spend its whole link time waiting
+        // for a descheduled peer (that counts as waited, never hidden); the benchmark reports the real figure.
+        Assert.True(on.Average() > 0.15, $"the ring backward's overlap hid only {on.Average():P0} of the link time on average");
+        Assert.All(off, h => Assert.Equal(0, h));
     }
 
     /// <summary>Each rank's hidden share of its link time over one forward + backward step.</summary>

@@ -41,6 +41,8 @@ public sealed class SchemeTests(ITestOutputHelper output)
         new("ring causal contiguous B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Contiguous, null, Hk: 1, B: 2),
         new("ring non-causal", AttentionKind.Softmax, ParallelScheme.Ring, false, null, null),
         new("ring causal zigzag, no overlap", AttentionKind.Softmax, ParallelScheme.Ring, true, ShardLayout.Zigzag, null, Overlap: false),
+        new("ring non-causal contiguous GQA 4/1 N=101, no overlap", AttentionKind.Softmax, ParallelScheme.Ring, false, ShardLayout.Contiguous, null, N: 101, Hk: 1, Overlap: false),
+        new("ring non-causal contiguous GQA 4/1 N=101", AttentionKind.Softmax, ParallelScheme.Ring, false, ShardLayout.Contiguous, null, N: 101, Hk: 1),
         new("partial causal", AttentionKind.Softmax, ParallelScheme.Partial, true, null, null),
         new("partial causal zigzag B=2 GQA 4/1", AttentionKind.Softmax, ParallelScheme.Partial, true, ShardLayout.Zigzag, null, Hk: 1, B: 2),
         new("partial non-causal", AttentionKind.Softmax, ParallelScheme.Partial, false, null, null),

@@ -22,7 +22,7 @@ internal sealed class LinkOptions
 
     private readonly Option<bool> _noOverlap = new("--no-overlap")
     {
-        Description = "Do not hide communication behind compute (LASP-2 waits for its state all-gather before the intra-chunk work); for comparison and debugging.",
+        Description = "Do not hide communication behind compute (LASP-2 waits for its state all-gather before the intra-chunk work; the ring waits for each K/V block and dK/dV accumulator where it is sent); same results, for comparison and debugging.",
     };
 
     /// <summary>Adds the options to <paramref name="command"/>.</summary>

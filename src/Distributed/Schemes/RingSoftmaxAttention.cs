@@ -8,8 +8,11 @@ namespace Distributed.Schemes;
 /// P steps the next block's transfer is started before the current block's kernels run and waited on
 /// after them, and each block's partial (O, LSE) is merged into the running state as it arrives. Blocks
 /// (or block chunks) entirely in a query chunk's causal future are skipped; zigzag sharding balances the
-/// rest. Backward: the blocks travel again together with their dK/dV accumulators, each rank adding its
-/// queries' contribution (with the global LSE), so after P steps every block is home with its full gradient.
+/// rest. Backward: the K/V blocks travel again, the next one in flight while the current one computes, and
+/// each block's dK/dV accumulator follows one step behind (in flight during the next rank's compute), each
+/// rank adding its queries' contribution (with the global LSE), so after P steps every block is home with its
+/// full gradient. With overlap off (--no-overlap) every transfer is waited for where it starts: the same
+/// arithmetic, so the results are bitwise equal either way.
 /// </summary>
 internal sealed class RingSoftmaxAttention : IScheme
 {
@@ -26,7 +29,7 @@ internal sealed class RingSoftmaxAttention : IScheme
     private readonly DeviceTensor[] _lse, _drow, _partO, _partLse;
     private readonly Dictionary<int, DeviceTensor[]> _blocks = [];  // per token count: K, V, dK, dV
     private readonly Dictionary<(int Tokens, int Offset, int Count), DeviceTensor[]?> _views = [];  // zigzag ranges of a block, aliased
-    private float[] _current = [], _next = [], _negativeInfinity = [];
+    private float[] _current = [], _next = [], _gradOut = [], _gradIn = [], _negativeInfinity = [];
     private DeviceTensor[]? _q, _o;
     private DeviceTensor? _kLocal, _vLocal;
 
@@ -56,8 +59,8 @@ internal sealed class RingSoftmaxAttention : IScheme
 
     private int Next => (_comm.Rank + 1) % _comm.Size;
 
-    /// <summary>Floats of rank r's block message: K and V (and, in backward, dK and dV).</summary>
-    private int Message(int r, bool withGradients) => _s.Batch * _tokens[r] * (_kRow + _vRow) * (withGradients ? 2 : 1);
+    /// <summary>Floats of rank r's block message: K and V, or (the gradient message) dK and dV.</summary>
+    private int Message(int r) => _s.Batch * _tokens[r] * (_kRow + _vRow);
 
     public void Forward(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
@@ -79,7 +82,7 @@ internal sealed class RingSoftmaxAttention : IScheme
                 _lse[c].CopyFromHost(_negativeInfinity.AsSpan(0, (int)_lse[c].Length));
             }
         });
-        _clock.Communicate(() => Pack(k, v, null, null, _comm.Rank, false, ref _current));
+        _clock.Communicate(() => Pack(k, v, _comm.Rank, ref _current));
         for (int step = 0; step < p; step++)
         {
             int owner = ((_comm.Rank - step) % p + p) % p;
@@ -89,15 +92,15 @@ internal sealed class RingSoftmaxAttention : IScheme
                 int incoming = ((owner - 1) % p + p) % p;
                 _clock.Communicate(() =>
                 {
-                    HostBuffer.Grow(ref _next, Message(incoming, false));
-                    pending = _comm.StartSendRecv(_current.AsMemory(0, Message(owner, false)), Next, _next.AsMemory(0, Message(incoming, false)), Prev);
-                    // --no-overlap: the next block arrives before this one is used, as a blocking exchange would.
-                    if (!_overlap) pending.Wait();
+                    HostBuffer.Grow(ref _next, Message(incoming));
+                    // --no-overlap: the next block arrives before this one is used (a blocking exchange).
+                    pending = Exchange(_current, Message(owner), _next, Message(incoming), blocking: !_overlap);
                 });
             }
             _clock.Compute(() =>
             {
-                var block = Unpack(owner, false, _current);
+                var kv = Unpack(owner, _current);
+                DeviceTensor[] block = [kv[0], kv[1], null!, null!];  // no gradients in the forward
                 for (int c = 0; c < Ranges.Count; c++)
                     ForEachVisiblePart(owner, c, (kPart, vPart, start, _, _) =>
                     {
@@ -107,7 +110,7 @@ internal sealed class RingSoftmaxAttention : IScheme
             });
             if (pending is not null)
             {
-                if (_overlap) _clock.Communicate(pending.Wait);
+                _clock.Communicate(pending.Wait);
                 (_current, _next) = (_next, _current);
             }
         }
@@ -130,36 +133,111 @@ internal sealed class RingSoftmaxAttention : IScheme
                 _backend.Clear(dQs[c]);
             }
         });
-        _clock.Communicate(() => Pack(_kLocal, _vLocal, null, null, _comm.Rank, true, ref _current));
+        _clock.Communicate(() => Pack(_kLocal, _vLocal, _comm.Rank, ref _current));
+        // Two streams travel the ring. K/V blocks move ahead as in the forward: block owner(s+1) is in flight
+        // while block owner(s) computes. Each block's dK/dV accumulator follows one step behind: rank r adds
+        // its contribution to block b into zeroed device tensors while the sum of the contributions of the
+        // ranks before it (sent at the end of their step) is in flight, then adds that sum on the host and
+        // sends the total on; the last rank's send brings every block home with its full gradient.
+        CommRequest? gradients = null;  // in flight: _gradOut to Next, the accumulator of the next block from Prev into _gradIn
         for (int step = 0; step < p; step++)
         {
             int owner = ((_comm.Rank - step) % p + p) % p;
+            CommRequest? pending = null;
+            if (step < p - 1)
+            {
+                int incoming = ((owner - 1) % p + p) % p;
+                _clock.Communicate(() =>
+                {
+                    HostBuffer.Grow(ref _next, Message(incoming));
+                    pending = Exchange(_current, Message(owner), _next, Message(incoming), blocking: !_overlap);
+                });
+            }
             DeviceTensor[] block = null!;
             _clock.Compute(() =>
             {
-                block = Unpack(owner, true, _current);
+                block = Unpack(owner, _current);
+                _backend.Clear(block[2]);
+                _backend.Clear(block[3]);
                 for (int c = 0; c < Ranges.Count; c++)
                     ForEachVisiblePart(owner, c, (kPart, vPart, start, dkPart, dvPart) =>
                         _backend.FlashBackward(_q[c], kPart, vPart, _lse[c], _drow[c], dOs[c], dQs[c], dkPart!, dvPart!,
                             _options with { QueryOffset = Ranges[c].Start, KeyOffset = start, Accumulate = true }), block);
             });
-            // The block moves on with its gradient; after P moves every block is back with its owner.
             _clock.Communicate(() =>
             {
-                Pack(block[0], block[1], block[2], block[3], owner, true, ref _current);
+                // The accumulator of this block (started one step ago) before the next K/V block (started at
+                // this step's start): each peer pair's messages are taken in the order they were sent.
+                gradients?.Wait();
+                if (pending is not null)
+                {
+                    pending.Wait();
+                    (_current, _next) = (_next, _current);
+                }
+                int floats = Message(owner);
+                HostBuffer.Grow(ref _gradOut, floats);
+                StageGradients(block[2], block[3], owner, _gradOut);
+                if (step > 0) AddInto(_gradOut.AsSpan(0, floats), _gradIn.AsSpan(0, floats));
+                if (p == 1) return;
+                // The block moves on with its gradient; after the last step every block is home.
                 int incoming = ((owner - 1) % p + p) % p;
-                HostBuffer.Grow(ref _next, Message(incoming, true));
-                _comm.SendRecv(_current.AsSpan(0, Message(owner, true)), Next, _next.AsSpan(0, Message(incoming, true)), Prev);
-                (_current, _next) = (_next, _current);
+                HostBuffer.Grow(ref _gradIn, Message(incoming));
+                // The last one (every block going home) has no compute left to hide behind.
+                gradients = Exchange(_gradOut, floats, _gradIn, Message(incoming), blocking: !_overlap || step == p - 1);
             });
         }
         _clock.Compute(() =>
         {
-            var home = Unpack(_comm.Rank, true, _current);
+            var home = Tensors(_tokens[_comm.Rank], _tokens[_comm.Rank]);
+            float[] full = p == 1 ? _gradOut : _gradIn;
+            int kLen = _s.Batch * _tokens[_comm.Rank] * _kRow, vLen = _s.Batch * _tokens[_comm.Rank] * _vRow;
+            home[2].CopyFromHost(full.AsSpan(0, kLen));
+            home[3].CopyFromHost(full.AsSpan(kLen, vLen));
             _backend.CopySlice(home[2], 0, dK, 0, _tokens[_comm.Rank], 1);
             _backend.CopySlice(home[3], 0, dV, 0, _tokens[_comm.Rank], 1);
             _local.Join(dQs, dQ);
         });
+    }
+
+    /// <summary>
+    /// Sends the first <paramref name="sendFloats"/> of <paramref name="send"/> to the next rank while receiving
+    /// <paramref name="receiveFloats"/> from the previous one into <paramref name="receive"/>: started (Wait on
+    /// the result before touching either buffer) or, when <paramref name="blocking"/>, done before it returns.
+    /// </summary>
+    private CommRequest Exchange(float[] send, int sendFloats, float[] receive, int receiveFloats, bool blocking)
+    {
+        if (!blocking) return _comm.StartSendRecv(send.AsMemory(0, sendFloats), Next, receive.AsMemory(0, receiveFloats), Prev);
+        _comm.SendRecv(send.AsSpan(0, sendFloats), Next, receive.AsSpan(0, receiveFloats), Prev);
+        return CompletedExchange.Instance;
+    }
+
+    /// <summary>An exchange that was done blocking: nothing left to wait for.</summary>
+    private sealed class CompletedExchange : CommRequest
+    {
+        public static readonly CompletedExchange Instance = new();
+
+        public override void Wait() { }
+    }
+
+    /// <summary>Copies one block's dK and dV (device) into <paramref name="message"/> as [dK, dV].</summary>
+    private void StageGradients(DeviceTensor dK, DeviceTensor dV, int owner, float[] message)
+    {
+        int kLen = _s.Batch * _tokens[owner] * _kRow, vLen = _s.Batch * _tokens[owner] * _vRow;
+        dK.CopyToHost(message.AsSpan(0, kLen));
+        dV.CopyToHost(message.AsSpan(kLen, vLen));
+    }
+
+    /// <summary><c>sum[i] += addend[i]</c>, element by element (the same order on every run).</summary>
+    private static void AddInto(Span<float> sum, ReadOnlySpan<float> addend)
+    {
+        int i = 0;
+        if (System.Numerics.Vector.IsHardwareAccelerated)
+        {
+            int w = System.Numerics.Vector<float>.Count;
+            for (; i <= sum.Length - w; i += w)
+                (new System.Numerics.Vector<float>(sum[i..]) + new System.Numerics.Vector<float>(addend[i..])).CopyTo(sum[i..]);
+        }
+        for (; i < sum.Length; i++) sum[i] += addend[i];
     }
 
     /// <summary>
@@ -236,37 +314,27 @@ internal sealed class RingSoftmaxAttention : IScheme
         return t;
     }
 
-    /// <summary>Uploads a received message of <paramref name="owner"/>'s block into device tensors.</summary>
-    private DeviceTensor[] Unpack(int owner, bool withGradients, float[] message)
+    /// <summary>Uploads a received message of <paramref name="owner"/>'s block into its device K and V; returns
+    /// the block's tensors [K, V, dK, dV] (dK, dV as they are).</summary>
+    private DeviceTensor[] Unpack(int owner, float[] message)
     {
         int tokens = _tokens[owner], b = _s.Batch;
         var t = Tensors(tokens, tokens);
         int kLen = b * tokens * _kRow, vLen = b * tokens * _vRow;
         t[0].CopyFromHost(message.AsSpan(0, kLen));
         t[1].CopyFromHost(message.AsSpan(kLen, vLen));
-        if (!withGradients) return [t[0], t[1], null!, null!];
-        t[2].CopyFromHost(message.AsSpan(kLen + vLen, kLen));
-        t[3].CopyFromHost(message.AsSpan(2 * kLen + vLen, vLen));
         return t;
     }
 
-    /// <summary>Stages K, V (and dK, dV, or zeros when null) of <paramref name="owner"/>'s block into a message.</summary>
-    private void Pack(DeviceTensor k, DeviceTensor v, DeviceTensor? dK, DeviceTensor? dV, int owner, bool withGradients, ref float[] message)
+    /// <summary>Stages K and V of <paramref name="owner"/>'s block into a message.</summary>
+    private void Pack(DeviceTensor k, DeviceTensor v, int owner, ref float[] message)
     {
         int tokens = _tokens[owner], b = _s.Batch;
         int kLen = b * tokens * _kRow, vLen = b * tokens * _vRow;
-        HostBuffer.Grow(ref message, Message(owner, withGradients));
+        HostBuffer.Grow(ref message, Message(owner));
         k.CopyToHost(message.AsSpan(0, kLen));
         v.CopyToHost(message.AsSpan(kLen, vLen));
-        if (!withGradients) return;
-        if (dK is null) message.AsSpan(kLen + vLen, kLen + vLen).Clear();
-        else
-        {
-            dK.CopyToHost(message.AsSpan(kLen + vLen, kLen));
-            dV!.CopyToHost(message.AsSpan(2 * kLen + vLen, vLen));
-        }
     }
-
 
     public void CopyLse(DeviceTensor lse)
     {
