@@ -153,6 +153,24 @@ public sealed partial class IlgpuBackend : IKernelBackend
         return new IlgpuTensor(_accelerator, shape);
     }
 
+    /// <summary>Whether <see cref="Dispose"/> has run.</summary>
+    public bool IsDisposed => _disposed;
+
+    /// <summary>
+    /// A host array of <paramref name="length"/> floats, pinned and page-locked for this accelerator (ILGPU's
+    /// <c>AllocatePageLocked1D</c>; a no-op lock on the CPU accelerator), for staging device tensors at the
+    /// communicator boundary: <see cref="DeviceTensor.CopyToHost"/> and <see cref="DeviceTensor.CopyFromHost"/>
+    /// into its array (<c>GetArray()</c>) are then one DMA each way. Dispose it to release the lock; the
+    /// accelerator releases it too when it is disposed.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="length"/> is negative.</exception>
+    public PageLockedArray1D<float> AllocatePageLocked(int length)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        return _accelerator.AllocatePageLocked1D<float>(length, true);
+    }
+
     /// <inheritdoc/>
     public void Clear(DeviceTensor tensor) => Own(tensor, nameof(tensor)).View.MemSetToZero();
 
