@@ -9,9 +9,16 @@ namespace Distributed.Kernels.Tests;
 /// debugging engine, so every grouping, barrier and tail path is checked without a GPU.
 /// </summary>
 [Collection(nameof(IlgpuAcceleratorCollection))]
-public sealed class IlgpuBackendTests : KernelBackendContract
+public sealed class IlgpuBackendTests(IlgpuBackendFixture fixture) : KernelBackendContract, IClassFixture<IlgpuBackendFixture>
 {
-    protected override IKernelBackend CreateBackend() => IlgpuBackend.CreateCpu();
+    /// <summary>
+    /// One backend for every test of the class: making one compiles every kernel for ILGPU's CPU accelerator,
+    /// which cost about 2–3 s per test when each test made its own. The tests run one at a time (the
+    /// collection is not parallel), as a scheme's calls do.
+    /// </summary>
+    protected override IKernelBackend CreateBackend() => fixture.Backend;
+
+    protected override bool DisposesBackend => false;
 
     /// <summary>Longer chunks than the contract's, so several 64-row blocks chain through strong decay.</summary>
     public static TheoryData<LightningCase> LongChunkLightningCases() =>
@@ -153,3 +160,11 @@ public sealed class IlgpuBackendTests : KernelBackendContract
 /// </summary>
 [CollectionDefinition(nameof(IlgpuAcceleratorCollection), DisableParallelization = true)]
 public sealed class IlgpuAcceleratorCollection;
+
+/// <summary>The ILGPU CPU backend shared by <see cref="IlgpuBackendTests"/>, disposed after the class.</summary>
+public sealed class IlgpuBackendFixture : IDisposable
+{
+    public IlgpuBackend Backend { get; } = IlgpuBackend.CreateCpu();
+
+    public void Dispose() => Backend.Dispose();
+}

@@ -44,14 +44,33 @@ internal struct LightningParams
 /// V (dO) go through shared memory, the accumulator stays in registers.</item>
 /// </list>
 /// <para>
-/// Tile shapes, from the ptxas report (dsattn ptx) on sm_80 and sm_90: see docs/notes/gpu14b.md for the
-/// table. Shared memory is static, sized for D = Dv = 128: the 64 x 32 own-side slice (8 KB) and two
-/// 32 x 128 tiles (32 KB) make 40 KB in the row kernels, within the 48 KB static limit, and 24 KB in the
-/// state kernels. Registers are the limit: one 64-column-pair accumulator (<see cref="Output"/>,
-/// <see cref="GradQ"/>, states) or two (<see cref="GradKV"/>, which shares one pass over Q and dO between dK
-/// and dV, as the flash dK/dV kernel does), every kernel with 0 spill bytes. Head dims above 128 are
-/// refused by the backend (the accumulator holds 128 columns). The scans stay element-wise: each
-/// (b, h, d, c) is an independent T-step recurrence, coalesced over c.
+/// Tile shapes, from the ptxas report (dsattn ptx, PTX ISA 7.8, CUDA 11.8 ptxas) on sm_80 and sm_90.
+/// Shared memory is static, sized for D = Dv = 128, and must stay within 48 KB: the row kernels stage the
+/// 64 x 32 own-side slice (8 KB) and two 32 x 128 tiles (32 KB), 40 KB; a 64-row tile of the other side
+/// would need 64 KB at D = 128, past the static limit, so the other side goes 32 rows at a time (dynamic
+/// shared memory stays off: unchecked on a GPU). The state kernels stage a 64 x 32 slice and one 32 x 128
+/// tile, 24 KB. Registers set the occupancy, with 0 spill bytes and 0 stack everywhere:
+/// </para>
+/// <code>
+///   kernel           regs sm_80/sm_90   shared   groups of 128 per SM (sm_80 / sm_90)
+///   BlockState           167 / 157      24 KB    3 / 3
+///   BlockGrad            159 / 139      24 KB    3 / 3
+///   Output (forward)     160 / 158      40 KB    3 / 3
+///   GradQ                160 / 168      40 KB    3 / 3
+///   GradKV               249 / 225      40 KB    2 / 2
+/// </code>
+/// <para>
+/// One 4 x 16 accumulator per thread (64 registers) keeps the forward, dQ and state kernels near 160
+/// registers, 3 groups (12 warps) per SM. GradKV holds two (dK and dV) so that one pass over the block's
+/// Q and dO tiles and one stream of K and V serve both gradients, as the flash dK/dV kernel does; that
+/// costs a group per SM (2 instead of 3) where two kernels would each stage the Q and dO tiles again.
+/// A row tile of 64 is also the causal block length: the block's intra term is two 32-key steps, and
+/// λ^e inside a block keeps e ≤ 64. The XOR swizzle (<see cref="RegisterTile.Swizzle"/>) keeps a warp's
+/// shared reads free of bank conflicts; the transposed stores of the state kernels' K (Q) slice and of
+/// a state's transpose are 4-way conflicted, once per tile. Head dims above 128 are refused by the
+/// backend (the accumulator holds 128 columns). The scans stay element-wise: each (b, h, d, c) is an
+/// independent T-step recurrence, coalesced over c. Untimed on a GPU: these are the choices the ptxas
+/// report supports, not measured ones.
 /// </para>
 /// </summary>
 internal static class LightningKernels
