@@ -166,6 +166,8 @@ public sealed class SequenceParallelAttention : IDisposable
             checkHostMemory: backend is Distributed.Kernels.Cpu.CpuBackend);
         InputChecks.AgreeAcrossRanks(communicator, shape, options, layout);
         _clock = new PhaseClock(backend);
+        // Staging arrays of ILGPU tensors are page-locked (HostBuffer); this rank's threads inherit the choice.
+        HostBuffer.PageLockWith.Value = backend as Distributed.Kernels.Ilgpu.IlgpuBackend;
         _setup = new SchemeSetup(communicator, backend, shape, options with { Layout = layout }, layout, _clock, _shared);
         Options = options with { Layout = layout };
         try { _slots.Add(new SchemeSlot(_descriptor.Create(_setup))); }

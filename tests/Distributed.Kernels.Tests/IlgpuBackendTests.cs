@@ -9,9 +9,16 @@ namespace Distributed.Kernels.Tests;
 /// debugging engine, so every grouping, barrier and tail path is checked without a GPU.
 /// </summary>
 [Collection(nameof(IlgpuAcceleratorCollection))]
-public sealed class IlgpuBackendTests : KernelBackendContract
+public sealed class IlgpuBackendTests(IlgpuBackendFixture fixture) : KernelBackendContract, IClassFixture<IlgpuBackendFixture>
 {
-    protected override IKernelBackend CreateBackend() => IlgpuBackend.CreateCpu();
+    /// <summary>
+    /// One backend for every test of the class: making one compiles every kernel for ILGPU's CPU accelerator,
+    /// which cost about 2–3 s per test when each test made its own. The tests run one at a time (the
+    /// collection is not parallel), as a scheme's calls do.
+    /// </summary>
+    protected override IKernelBackend CreateBackend() => fixture.Backend;
+
+    protected override bool DisposesBackend => false;
 
     /// <summary>Longer chunks than the contract's, so several 64-row blocks chain through strong decay.</summary>
     public static TheoryData<LightningCase> LongChunkLightningCases() =>
@@ -26,6 +33,47 @@ public sealed class IlgpuBackendTests : KernelBackendContract
     [Theory]
     [MemberData(nameof(LongChunkLightningCases))]
     public void LightningBackward_LongChunkStrongDecay_MatchesReference(LightningCase c) => CheckLightningBackward(c);
+
+    /// <summary>
+    /// The tiled lightning kernels' own edges beyond the contract's: the upper accumulator half (D = Dv = 128,
+    /// and D ≠ Dv with both above 64) in 64-row tiles with a tail, MQA with per-head decay from 1 to 0.01,
+    /// and the non-causal whole-chunk state with 32-wide slices that end part-way (D = 96).
+    /// </summary>
+    public static TheoryData<LightningCase> RegisterTileLightningCases() =>
+    [
+        new LightningCase(1, 70, 2, 2, 128, 128, true, [1f, 0.05f], true),
+        new LightningCase(1, 45, 4, 1, 128, 96, true, [0.9f, 1f, 0.3f, 0.01f], true),
+        new LightningCase(1, 40, 2, 1, 96, 128, false, [1f, 1f], true),
+    ];
+
+    [Theory]
+    [MemberData(nameof(RegisterTileLightningCases))]
+    public void LightningForward_RegisterTileEdges_MatchesReference(LightningCase c) => CheckLightningForward(c);
+
+    [Theory]
+    [MemberData(nameof(RegisterTileLightningCases))]
+    public void LightningBackward_RegisterTileEdges_MatchesReference(LightningCase c) => CheckLightningBackward(c);
+
+    [Theory]
+    [MemberData(nameof(RegisterTileLightningCases))]
+    public void LightningInterChunkForward_RegisterTileEdges_MatchesReference(LightningCase c) =>
+        LightningInterChunkForward_AddedToTheLocalOutput_EqualsTheWholeChunkWithS0(c);
+
+    [Theory]
+    [MemberData(nameof(RegisterTileLightningCases))]
+    public void LightningInterChunkBackward_RegisterTileEdges_MatchesReference(LightningCase c) =>
+        LightningInterChunkBackward_AddedToTheLocalGradients_EqualsTheWholeChunk(c);
+
+    [Fact]
+    public void LightningForward_HeadDimAbove128_NamesQ()
+    {
+        using var q = Backend.Allocate(1, 4, 1, 129);
+        using var v = Backend.Allocate(1, 4, 1, 16);
+        using var o = Backend.Allocate(1, 4, 1, 16);
+        var e = Assert.Throws<ArgumentException>(() => Backend.LightningForward(q, q, v, [1f], true, null, o, null));
+        Assert.Equal("q", e.ParamName);
+        Assert.Contains("128", e.Message);
+    }
 
     /// <summary>
     /// The FlashAttention-2 kernels' own edges beyond the contract's: two 64-row tiles with a tail and the
@@ -112,3 +160,11 @@ public sealed class IlgpuBackendTests : KernelBackendContract
 /// </summary>
 [CollectionDefinition(nameof(IlgpuAcceleratorCollection), DisableParallelization = true)]
 public sealed class IlgpuAcceleratorCollection;
+
+/// <summary>The ILGPU CPU backend shared by <see cref="IlgpuBackendTests"/>, disposed after the class.</summary>
+public sealed class IlgpuBackendFixture : IDisposable
+{
+    public IlgpuBackend Backend { get; } = IlgpuBackend.CreateCpu();
+
+    public void Dispose() => Backend.Dispose();
+}

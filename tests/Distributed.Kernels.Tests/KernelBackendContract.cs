@@ -21,9 +21,12 @@ public abstract partial class KernelBackendContract : IDisposable
 
     protected IKernelBackend Backend => _backend ??= CreateBackend();
 
+    /// <summary>Whether each test disposes its backend; false where a subclass shares one backend across its tests.</summary>
+    protected virtual bool DisposesBackend => true;
+
     public void Dispose()
     {
-        _backend?.Dispose();
+        if (DisposesBackend) _backend?.Dispose();
         OnDispose();
         GC.SuppressFinalize(this);
     }

@@ -29,7 +29,7 @@ public sealed class PtxCompilerTests(ITestOutputHelper output)
     [
         "FlashForward", "FlashBackwardDq", "FlashBackwardDkDv", "SoftmaxRowDot", "MergeSoftmax", "CopySlice",
         "LightningBlockState", "LightningBlockGrad", "LightningScanForward", "LightningScanBackward",
-        "LightningForward", "LightningGradQ", "LightningGradK", "LightningGradV",
+        "LightningForward", "LightningGradQ", "LightningGradKV",
     ];
 
     [Theory]

@@ -268,7 +268,7 @@ internal static class FlashKernels
     /// a time, and B is a 32-row tile already in shared memory (row length 128). Begins with a barrier, so
     /// the caller's loads into the B tile are visible once the first chunk is.
     /// </summary>
-    private static void ChunkedProduct(ref Frag4x4 s, ArrayView<float> src, int width, ArrayView<float> chunk, ArrayView<float> other,
+    internal static void ChunkedProduct(ref Frag4x4 s, ArrayView<float> src, int width, ArrayView<float> chunk, ArrayView<float> other,
         int b, int row0g, int n, int heads, int head, int row0, int cg, int t)
     {
         for (int c0 = 0; c0 < width; c0 += Chunk)
@@ -286,7 +286,7 @@ internal static class FlashKernels
     /// [B, n, heads, srcWidth] tensor into a swizzled shared tile of row length <paramref name="rowLength"/>,
     /// zero-filling rows past the end (their probabilities are 0, and 0 · garbage could be NaN).
     /// </summary>
-    private static void LoadTile(ArrayView<float> src, int srcWidth, int col0, int width, ArrayView<float> tile, int rowLength,
+    internal static void LoadTile(ArrayView<float> src, int srcWidth, int col0, int width, ArrayView<float> tile, int rowLength,
         int b, int row0, int n, int heads, int head, int rows, int t)
     {
         int total = rows * width;
@@ -305,7 +305,7 @@ internal static class FlashKernels
     /// barriers suffice: one before (the warp's lanes may still read the chunk or the previous fragment),
     /// one after. The next chunk load begins with a group barrier.
     /// </summary>
-    private static void ShareWithinWarp(ArrayView<float> chunk, in Frag4x4 s, int row0, int cg)
+    internal static void ShareWithinWarp(ArrayView<float> chunk, in Frag4x4 s, int row0, int cg)
     {
         Warp.Barrier();
         RegisterTile.StoreFragment(chunk, s, row0, cg);

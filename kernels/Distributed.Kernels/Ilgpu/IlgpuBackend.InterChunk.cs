@@ -3,16 +3,19 @@ using ILGPU.Runtime;
 
 namespace Distributed.Kernels.Ilgpu;
 
-/// <summary>The inter-chunk lightning operations of the ILGPU backend (see <see cref="LightningInterChunkKernels"/>);
-/// the kernels load on first use.</summary>
+/// <summary>
+/// The inter-chunk lightning operations of the ILGPU backend, added in place to results computed with
+/// S0 = 0 and dS_end = 0: <c>o_i += λ^(i+1) q_i S0</c>, <c>dq_i += λ^(i+1) dO_i S0ᵀ</c>,
+/// <c>dk_j += λ^(N−1−j) dS_end v_j</c>, <c>dv_j += λ^(N−1−j) dS_endᵀ k_j</c> (λ = 1 when not causal). They
+/// are the state terms of the tiled lightning kernels (<see cref="LightningKernels"/>) with the whole chunk
+/// as one block, no intra-block term, and accumulation on.
+/// </summary>
 public sealed partial class IlgpuBackend
 {
-    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, InterChunkParams>? _interForward, _interGradQ, _interGradK, _interGradV;
-
-    private Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, InterChunkParams> InterKernel(
-        ref Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, InterChunkParams>? slot,
-        Action<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, InterChunkParams> kernel)
-        => slot ??= _accelerator.LoadStreamKernel(kernel);
+    private static LightningParams InterChunkParams(int b, int n, int h, int hk, int d, int dv, bool causal) => new()
+    {
+        B = b, N = n, H = h, Hk = hk, D = d, Dv = dv, Bs = n, T = 1, Causal = causal ? 1 : 0, Intra = 0, Accumulate = 1,
+    };
 
     /// <inheritdoc/>
     public void LightningInterChunkForward(DeviceTensor q, ReadOnlySpan<float> decay, bool causal, DeviceTensor s0, DeviceTensor o)
@@ -26,13 +29,14 @@ public sealed partial class IlgpuBackend
         AttentionDims.Expect(o, nameof(o), b, n, h, dv);
         AttentionDims.Expect(s0, nameof(s0), b, h, d, dv);
         AttentionDims.CheckDecay(decay, h);
-        var p = new InterChunkParams { B = b, N = n, H = h, Hk = h, D = d, Dv = dv, Causal = causal ? 1 : 0 };
+        CheckLightningHeadDims(d, nameof(q), dv, nameof(o));
         var qv = View(q);
         var sv = View(s0);
         var ov = View(o);
         if (n == 0) return;
         var ln = UploadLnDecay(decay);
-        InterKernel(ref _interForward, LightningInterChunkKernels.Forward)(Elementwise((long)b * n * h * dv), qv, sv, ov, ln, p);
+        // Intra = 0: the key and value arguments are not read.
+        _output(RowTiles(b * h, n), qv, qv, qv, ln, sv, ov, InterChunkParams(b, n, h, h, d, dv, causal));
         AfterLaunch();
     }
 
@@ -49,18 +53,16 @@ public sealed partial class IlgpuBackend
         AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
         AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
         if (x.Nq == 0) return;
-        var p = new InterChunkParams { B = x.B, N = x.Nq, H = x.H, Hk = x.Hk, D = x.D, Dv = x.Dv, Causal = causal ? 1 : 0 };
+        var p = InterChunkParams(x.B, x.Nq, x.H, x.Hk, x.D, x.Dv, causal);
         var ln = UploadLnDecay(decay);
         if (s0 is not null)
         {
-            InterKernel(ref _interGradQ, LightningInterChunkKernels.GradQ)(Elementwise((long)x.B * x.Nq * x.H * x.D), View(dO), View(s0), View(dQ), ln, p);
+            _gradQ(RowTiles(x.B * x.H, x.Nq), View(k), View(v), View(dO), ln, View(s0), View(dQ), p);
             AfterLaunch();
         }
         if (dSEnd is not null)
         {
-            InterKernel(ref _interGradK, LightningInterChunkKernels.GradK)(Elementwise((long)x.B * x.Nk * x.Hk * x.D), View(v), View(dSEnd), View(dK), ln, p);
-            AfterLaunch();
-            InterKernel(ref _interGradV, LightningInterChunkKernels.GradV)(Elementwise((long)x.B * x.Nk * x.Hk * x.Dv), View(k), View(dSEnd), View(dV), ln, p);
+            _gradKV(RowTiles(x.B * x.Hk, x.Nq), View(q), View(k), View(v), View(dO), ln, View(dSEnd), View(dK), View(dV), p);
             AfterLaunch();
         }
     }

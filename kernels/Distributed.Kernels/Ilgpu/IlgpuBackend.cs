@@ -11,7 +11,8 @@ namespace Distributed.Kernels.Ilgpu;
 /// Tensors are <see cref="IlgpuTensor"/> device buffers and stay on the device between operations; every
 /// kernel runs on the accelerator's default stream, so operations are ordered without host syncs.
 /// </summary>
-/// <remarks>Head dims of the softmax operations are limited to <c>D, Dv ≤ 128</c> (the shared tiles).</remarks>
+/// <remarks>Head dims of the softmax and lightning operations are limited to <c>D, Dv ≤ 128</c> (the register
+/// accumulators and shared tiles).</remarks>
 public sealed partial class IlgpuBackend : IKernelBackend
 {
     private readonly Context _context;
@@ -29,8 +30,7 @@ public sealed partial class IlgpuBackend : IKernelBackend
     private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams, Int4> _scanBackward;
     private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams> _output;
     private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams> _gradQ;
-    private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams> _gradK;
-    private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams> _gradV;
+    private readonly Action<KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams> _gradKV;
 
     // Scratch reused across calls: block states (forward and backward) and ln λ per head.
     private MemoryBuffer1D<float, Stride1D.Dense>? _statesA, _statesB, _lnDecay;
@@ -55,8 +55,7 @@ public sealed partial class IlgpuBackend : IKernelBackend
         _scanBackward = a.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams, Int4>(LightningKernels.ScanBackward);
         _output = a.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams>(LightningKernels.Output);
         _gradQ = a.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams>(LightningKernels.GradQ);
-        _gradK = a.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams>(LightningKernels.GradK);
-        _gradV = a.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams>(LightningKernels.GradV);
+        _gradKV = a.LoadStreamKernel<ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, LightningParams>(LightningKernels.GradKV);
     }
 
     /// <inheritdoc/>
@@ -152,6 +151,24 @@ public sealed partial class IlgpuBackend : IKernelBackend
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         return new IlgpuTensor(_accelerator, shape);
+    }
+
+    /// <summary>Whether <see cref="Dispose"/> has run.</summary>
+    public bool IsDisposed => _disposed;
+
+    /// <summary>
+    /// A host array of <paramref name="length"/> floats, pinned and page-locked for this accelerator (ILGPU's
+    /// <c>AllocatePageLocked1D</c>; a no-op lock on the CPU accelerator), for staging device tensors at the
+    /// communicator boundary: <see cref="DeviceTensor.CopyToHost"/> and <see cref="DeviceTensor.CopyFromHost"/>
+    /// into its array (<c>GetArray()</c>) are then one DMA each way. Dispose it to release the lock; the
+    /// accelerator releases it too when it is disposed.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="length"/> is negative.</exception>
+    public PageLockedArray1D<float> AllocatePageLocked(int length)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        return _accelerator.AllocatePageLocked1D<float>(length, true);
     }
 
     /// <inheritdoc/>
@@ -288,12 +305,12 @@ public sealed partial class IlgpuBackend : IKernelBackend
         var p = LParams(dims, causal);
         var ln = UploadLnDecay(decay);
         var states = Scratch(ref _statesA, (long)dims.B * dims.H * p.T * dims.D * dims.Dv);
-        _blockState(Elementwise(states.Length), View(k), View(v), ln, states, p);
+        _blockState(StateTiles(p), View(k), View(v), ln, states, p);
         AfterLaunch();
         _scanForward(Elementwise((long)dims.B * dims.H * dims.D * dims.Dv), states, s0 is null ? states : View(s0),
             sEnd is null ? states : View(sEnd), ln, p, new Int4(s0 is null ? 0 : 1, sEnd is null ? 0 : 1, 0, 0));
         AfterLaunch();
-        _output(RowBlocks(dims.B * dims.H, dims.Nq), View(q), View(k), View(v), ln, states, View(o), p);
+        _output(RowTiles(dims.B * dims.H, dims.Nq), View(q), View(k), View(v), ln, states, View(o), p);
         AfterLaunch();
     }
 
@@ -327,22 +344,20 @@ public sealed partial class IlgpuBackend : IKernelBackend
         var grads = Scratch(ref _statesB, stateCount);
 
         // Forward states (entering each block; non-causal: the total S) feed dQ.
-        _blockState(Elementwise(stateCount), View(k), View(v), ln, states, p);
+        _blockState(StateTiles(p), View(k), View(v), ln, states, p);
         AfterLaunch();
         _scanForward(Elementwise(headStates), states, s0 is null ? states : View(s0), states, ln, p, new Int4(s0 is null ? 0 : 1, 0, 0, 0));
         AfterLaunch();
         // Backward states (leaving each block; non-causal: the total dS) feed dK and dV.
-        _blockGrad(Elementwise(stateCount), View(q), View(dO), ln, grads, p);
+        _blockGrad(StateTiles(p), View(q), View(dO), ln, grads, p);
         AfterLaunch();
         _scanBackward(Elementwise(headStates), grads, dSEnd is null ? grads : View(dSEnd), dS0 is null ? grads : View(dS0), ln, p,
             new Int4(dSEnd is null ? 0 : 1, dS0 is null ? 0 : 1, 0, 0));
         AfterLaunch();
 
-        _gradQ(RowBlocks(dims.B * dims.H, dims.Nq), View(k), View(v), View(dO), ln, states, View(dQ), p);
+        _gradQ(RowTiles(dims.B * dims.H, dims.Nq), View(k), View(v), View(dO), ln, states, View(dQ), p);
         AfterLaunch();
-        _gradK(RowBlocks(dims.B * dims.Hk, dims.Nq), View(q), View(v), View(dO), ln, grads, View(dK), p);
-        AfterLaunch();
-        _gradV(RowBlocks(dims.B * dims.Hk, dims.Nq), View(q), View(k), View(dO), ln, grads, View(dV), p);
+        _gradKV(RowTiles(dims.B * dims.Hk, dims.Nq), View(q), View(k), View(v), View(dO), ln, grads, View(dK), View(dV), p);
         AfterLaunch();
     }
 
@@ -361,13 +376,14 @@ public sealed partial class IlgpuBackend : IKernelBackend
         if (hk < 1 || h % hk != 0) throw new ArgumentException($"m has {h} heads and k has {hk}; GQA needs H % Hk == 0.", nameof(m));
         AttentionDims.Expect(m, nameof(m), b, h, d, dv);
         AttentionDims.CheckDecay(decay, h);
+        CheckLightningHeadDims(d, nameof(k), dv, nameof(v));
         if (n == 0)
         {
             Clear(m);
             return;
         }
         var p = new LightningParams { B = b, N = n, H = h, Hk = hk, D = d, Dv = dv, Bs = n, T = 1, Causal = causal ? 1 : 0 };
-        _blockState(Elementwise(m.Length), View(k), View(v), UploadLnDecay(decay), View(m), p);
+        _blockState(StateTiles(p), View(k), View(v), UploadLnDecay(decay), View(m), p);
         AfterLaunch();
     }
 
@@ -382,13 +398,14 @@ public sealed partial class IlgpuBackend : IKernelBackend
         AttentionDims.Expect(dO, nameof(dO), b, n, h, dv);
         AttentionDims.Expect(dM, nameof(dM), b, h, d, dv);
         AttentionDims.CheckDecay(decay, h);
+        CheckLightningHeadDims(d, nameof(q), dv, nameof(dO));
         if (n == 0)
         {
             Clear(dM);
             return;
         }
         var p = new LightningParams { B = b, N = n, H = h, Hk = h, D = d, Dv = dv, Bs = n, T = 1, Causal = causal ? 1 : 0 };
-        _blockGrad(Elementwise(dM.Length), View(q), View(dO), UploadLnDecay(decay), View(dM), p);
+        _blockGrad(StateTiles(p), View(q), View(dO), UploadLnDecay(decay), View(dM), p);
         AfterLaunch();
     }
 
@@ -439,10 +456,20 @@ public sealed partial class IlgpuBackend : IKernelBackend
         var dims = AttentionDims.FromQkv(q, k, v);
         if (dims.Nk != dims.Nq)
             throw new ArgumentException($"k has {dims.Nk} rows but q has {dims.Nq}; a lightning chunk needs the same N for Q, K and V.", nameof(k));
+        CheckLightningHeadDims(dims.D, nameof(q), dims.Dv, nameof(v));
         Own(q, nameof(q));
         Own(k, nameof(k));
         Own(v, nameof(v));
         return dims;
+    }
+
+    /// <summary>The tiled lightning kernels hold up to 128 accumulator columns and stage 128-wide tiles.</summary>
+    private static void CheckLightningHeadDims(int d, string dName, int dv, string dvName)
+    {
+        if (d > LightningKernels.MaxHeadDim)
+            throw new ArgumentException($"{dName} has head dim {d}; the ILGPU lightning kernels support D ≤ {LightningKernels.MaxHeadDim}.", dName);
+        if (dv > LightningKernels.MaxHeadDim)
+            throw new ArgumentException($"{dvName} has head dim {dv}; the ILGPU lightning kernels support Dv ≤ {LightningKernels.MaxHeadDim}.", dvName);
     }
 
     private static FlashParams Params(in AttentionDims d, in FlashOptions options) => new()
@@ -459,7 +486,7 @@ public sealed partial class IlgpuBackend : IKernelBackend
         return new LightningParams
         {
             B = d.B, N = d.Nq, H = d.H, Hk = d.Hk, D = d.D, Dv = d.Dv,
-            Bs = bs, T = (d.Nq + bs - 1) / bs, Causal = causal ? 1 : 0,
+            Bs = bs, T = (d.Nq + bs - 1) / bs, Causal = causal ? 1 : 0, Intra = causal ? 1 : 0,
         };
     }
 
@@ -481,8 +508,13 @@ public sealed partial class IlgpuBackend : IKernelBackend
         if (_accelerator.AcceleratorType == AcceleratorType.CPU) _accelerator.Synchronize();
     }
 
-    private static KernelConfig RowBlocks(int heads, int rows) =>
-        new(heads * ((rows + LightningKernels.GroupRows - 1) / LightningKernels.GroupRows), LightningKernels.GroupRows);
+    /// <summary>The tiled lightning row kernels: one group per 64-row tile of each (batch, head).</summary>
+    private static KernelConfig RowTiles(int heads, int rows) =>
+        new(heads * ((rows + LightningKernels.Rows - 1) / LightningKernels.Rows), LightningKernels.GroupSize);
+
+    /// <summary>The tiled state kernels: one group per 64 state rows of each (batch, head, block).</summary>
+    private static KernelConfig StateTiles(in LightningParams p) =>
+        new(p.B * p.H * p.T * ((p.D + LightningKernels.Rows - 1) / LightningKernels.Rows), LightningKernels.GroupSize);
 
     private ArrayView<float> Scratch(ref MemoryBuffer1D<float, Stride1D.Dense>? buffer, long length)
     {

@@ -37,14 +37,13 @@ public static class PtxCompiler
         ("SoftmaxRowDot", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.RowDot)), ElementwiseKernels.GroupSize),
         ("MergeSoftmax", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.Merge)), ElementwiseKernels.GroupSize),
         ("CopySlice", Method(typeof(ElementwiseKernels), nameof(ElementwiseKernels.CopySlice)), ElementwiseKernels.GroupSize),
-        ("LightningBlockState", Method(typeof(LightningKernels), nameof(LightningKernels.BlockState)), ElementwiseKernels.GroupSize),
-        ("LightningBlockGrad", Method(typeof(LightningKernels), nameof(LightningKernels.BlockGrad)), ElementwiseKernels.GroupSize),
+        ("LightningBlockState", Method(typeof(LightningKernels), nameof(LightningKernels.BlockState)), LightningKernels.GroupSize),
+        ("LightningBlockGrad", Method(typeof(LightningKernels), nameof(LightningKernels.BlockGrad)), LightningKernels.GroupSize),
         ("LightningScanForward", Method(typeof(LightningKernels), nameof(LightningKernels.ScanForward)), ElementwiseKernels.GroupSize),
         ("LightningScanBackward", Method(typeof(LightningKernels), nameof(LightningKernels.ScanBackward)), ElementwiseKernels.GroupSize),
-        ("LightningForward", Method(typeof(LightningKernels), nameof(LightningKernels.Output)), LightningKernels.GroupRows),
-        ("LightningGradQ", Method(typeof(LightningKernels), nameof(LightningKernels.GradQ)), LightningKernels.GroupRows),
-        ("LightningGradK", Method(typeof(LightningKernels), nameof(LightningKernels.GradK)), LightningKernels.GroupRows),
-        ("LightningGradV", Method(typeof(LightningKernels), nameof(LightningKernels.GradV)), LightningKernels.GroupRows),
+        ("LightningForward", Method(typeof(LightningKernels), nameof(LightningKernels.Output)), LightningKernels.GroupSize),
+        ("LightningGradQ", Method(typeof(LightningKernels), nameof(LightningKernels.GradQ)), LightningKernels.GroupSize),
+        ("LightningGradKV", Method(typeof(LightningKernels), nameof(LightningKernels.GradKV)), LightningKernels.GroupSize),
     ];
 
     /// <summary>Compiles every kernel for <paramref name="architecture"/> ("sm_80" or "sm_90").</summary>

@@ -339,3 +339,54 @@ internal static class FlashFragments
         dp = pr * (dp - drow) * p.Scale;
     }
 }
+
+/// <summary>The decay mask of the lightning kernels (LightningKernels.cs) on a <see cref="Frag4x4"/>, written out.</summary>
+internal static class LightningFragments
+{
+    /// <summary>
+    /// Rows are queries i0 + 4r, columns keys j0 + 8k (block-local indices): s becomes λ^(i−j)·s where
+    /// j ≤ i, and 0 above the diagonal. λ^e = exp(e·ln λ) with e ≥ 0, so strong decay underflows to 0.
+    /// </summary>
+    public static void QueryRows(ref Frag4x4 s, float ln, int i0, int j0)
+    {
+        s.S00 = Decayed(s.S00, ln, i0 + 0, j0 + 0);
+        s.S01 = Decayed(s.S01, ln, i0 + 0, j0 + 8);
+        s.S02 = Decayed(s.S02, ln, i0 + 0, j0 + 16);
+        s.S03 = Decayed(s.S03, ln, i0 + 0, j0 + 24);
+        s.S10 = Decayed(s.S10, ln, i0 + 4, j0 + 0);
+        s.S11 = Decayed(s.S11, ln, i0 + 4, j0 + 8);
+        s.S12 = Decayed(s.S12, ln, i0 + 4, j0 + 16);
+        s.S13 = Decayed(s.S13, ln, i0 + 4, j0 + 24);
+        s.S20 = Decayed(s.S20, ln, i0 + 8, j0 + 0);
+        s.S21 = Decayed(s.S21, ln, i0 + 8, j0 + 8);
+        s.S22 = Decayed(s.S22, ln, i0 + 8, j0 + 16);
+        s.S23 = Decayed(s.S23, ln, i0 + 8, j0 + 24);
+        s.S30 = Decayed(s.S30, ln, i0 + 12, j0 + 0);
+        s.S31 = Decayed(s.S31, ln, i0 + 12, j0 + 8);
+        s.S32 = Decayed(s.S32, ln, i0 + 12, j0 + 16);
+        s.S33 = Decayed(s.S33, ln, i0 + 12, j0 + 24);
+    }
+
+    /// <summary>Transposed: rows are keys j0 + 4r, columns queries i0 + 8k; the same mask and decay.</summary>
+    public static void KeyRows(ref Frag4x4 s, float ln, int j0, int i0)
+    {
+        s.S00 = Decayed(s.S00, ln, i0 + 0, j0 + 0);
+        s.S01 = Decayed(s.S01, ln, i0 + 8, j0 + 0);
+        s.S02 = Decayed(s.S02, ln, i0 + 16, j0 + 0);
+        s.S03 = Decayed(s.S03, ln, i0 + 24, j0 + 0);
+        s.S10 = Decayed(s.S10, ln, i0 + 0, j0 + 4);
+        s.S11 = Decayed(s.S11, ln, i0 + 8, j0 + 4);
+        s.S12 = Decayed(s.S12, ln, i0 + 16, j0 + 4);
+        s.S13 = Decayed(s.S13, ln, i0 + 24, j0 + 4);
+        s.S20 = Decayed(s.S20, ln, i0 + 0, j0 + 8);
+        s.S21 = Decayed(s.S21, ln, i0 + 8, j0 + 8);
+        s.S22 = Decayed(s.S22, ln, i0 + 16, j0 + 8);
+        s.S23 = Decayed(s.S23, ln, i0 + 24, j0 + 8);
+        s.S30 = Decayed(s.S30, ln, i0 + 0, j0 + 12);
+        s.S31 = Decayed(s.S31, ln, i0 + 8, j0 + 12);
+        s.S32 = Decayed(s.S32, ln, i0 + 16, j0 + 12);
+        s.S33 = Decayed(s.S33, ln, i0 + 24, j0 + 12);
+    }
+
+    private static float Decayed(float s, float ln, int i, int j) => j <= i ? s * MathF.Exp((i - j) * ln) : 0f;
+}

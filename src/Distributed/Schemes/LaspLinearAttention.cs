@@ -59,10 +59,10 @@ internal sealed class LaspLinearAttention : IScheme
         Ranges = Sharding.Ranges(shape.SeqLen, p, comm.Rank, layout);
         _local = new LocalChunks(backend, Ranges);
         _stateLength = (long)shape.Batch * shape.Heads * shape.HeadDim * shape.ValueDim;
-        _send = new float[_myChunks.Length * _stateLength];
+        _send = HostBuffer.Allocate(_myChunks.Length * _stateLength);    // device → host: page-locked for ILGPU
         _gathered = new float[p * _send.Length];
         _byChunk = Enumerable.Range(0, chunks).Select(_ => new float[_stateLength]).ToArray();
-        _result = _myChunks.Select(_ => new float[_stateLength]).ToArray();
+        _result = _myChunks.Select(_ => HostBuffer.Allocate(_stateLength)).ToArray();  // host → device
         _running = new float[_stateLength];
         _states = _myChunks.Select(_ => backend.Allocate(shape.Batch, shape.Heads, shape.HeadDim, shape.ValueDim)).ToArray();
         _prefix = _myChunks.Select(_ => backend.Allocate(shape.Batch, shape.Heads, shape.HeadDim, shape.ValueDim)).ToArray();
