@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 
 namespace Distributed.Kernels.Cpu;
@@ -33,7 +34,7 @@ internal static unsafe class CpuFlashAttention
         for (int first = 0; first < kvHeads; first += perPass)
         {
             int count = Math.Min(perPass, kvHeads - first), head0 = first;
-            CpuParallel.For(count * kTiles, threads, t =>
+            CpuParallel.For(count * kTiles, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (t) =>
             {
                 int jt = t % kTiles, bhk = head0 + t / kTiles, b = bhk / x.Hk, hk = bhk % x.Hk;
                 int tl = Math.Min(T, x.Nk - jt * T);
@@ -41,7 +42,7 @@ internal static unsafe class CpuFlashAttention
                 LoadRows(V, x.Nk, x.Hk, x.Dv, b, hk, jt * T, tl, DvP, VP + t * vTileSize);
             });
             int heads = count * x.Group;
-            CpuParallel.For(heads * qTiles, threads, t =>
+            CpuParallel.For(heads * qTiles, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (t) =>
             {
                 int qt = t % qTiles, rest = t / qTiles, g = rest % x.Group, slot = rest / x.Group;
                 int bhk = head0 + slot, b = bhk / x.Hk, h = bhk % x.Hk * x.Group + g;
@@ -61,6 +62,7 @@ internal static unsafe class CpuFlashAttention
     }
 
     /// <summary>One query tile of head h against its KV head's packed tiles (<paramref name="KT"/>, <paramref name="VP"/> start at its tile 0).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void ForwardTile(float* Q, float* KT, float* VP, float* O, float* L, AttentionDims x, in FlashOptions opt, float c, int b, int h, int i0)
     {
         int D = x.D, Dv = x.Dv, DvP = CpuMath.Pad(Dv);
@@ -112,6 +114,7 @@ internal static unsafe class CpuFlashAttention
     /// <paramref name="valid"/> are masked. Turns the row into probabilities relative to the new max,
     /// updates the running max and sum, and returns the factor that rescales earlier output.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static float SoftmaxRow(float* s, int valid, ref float m, ref float l)
     {
         if (valid <= 0)
@@ -190,6 +193,7 @@ internal static unsafe class CpuFlashAttention
     }
 
     /// <summary>kt[d·64 + j] = K[b, j0+j, hk, d], zero for j ≥ tl.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void LoadKeyTileTransposed(float* K, AttentionDims x, int b, int hk, int j0, int tl, float* kt)
     {
         int D = x.D;

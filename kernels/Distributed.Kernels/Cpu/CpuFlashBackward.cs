@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 
 namespace Distributed.Kernels.Cpu;
@@ -40,7 +41,7 @@ internal static unsafe class CpuFlashBackward
         float* Qp = pack.Get(qSize + gSize + 2 * rowSize + accumulators * qSize);
         float* Gp = Qp + qSize, Lp = Gp + gSize, Rp = Lp + rowSize, Acc = Rp + rowSize;
 
-        CpuParallel.For(heads * qTiles, threads, t =>
+        CpuParallel.For(heads * qTiles, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (t) =>
         {
             int qt = t % qTiles, bh = t / qTiles, b = bh / x.H, h = bh % x.H, i0 = qt * T, rows = Math.Min(T, x.Nq - i0);
             long row0 = (long)bh * NqP + i0;
@@ -58,7 +59,7 @@ internal static unsafe class CpuFlashBackward
         var packed = new Packed(Qp, Gp, Lp, Rp, NqP, DP, DvP);
         if (ownHeads)
         {
-            CpuParallel.For(kvHeads, threads, bhk =>
+            CpuParallel.For(kvHeads, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bhk) =>
             {
                 for (int jt = 0; jt < kTiles; jt++) KeyTile(K, V, DK, DV, packed, Acc, x, options, bhk, jt);
             });
@@ -69,12 +70,12 @@ internal static unsafe class CpuFlashBackward
             int[] order = new int[tasks];
             for (int jt = 0, n = 0; jt < kTiles; jt++)
                 for (int bhk = 0; bhk < kvHeads; bhk++) order[n++] = bhk * kTiles + jt;
-            CpuParallel.ForWorkers(tasks, threads, (t, w) =>
+            CpuParallel.ForWorkers(tasks, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (t, w) =>
                 KeyTile(K, V, DK, DV, packed, Acc + w * qSize, x, options, t / kTiles, t % kTiles), order);
         }
 
         bool accumulate = opt.Accumulate;
-        CpuParallel.For(heads * qTiles, threads, t =>
+        CpuParallel.For(heads * qTiles, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (t) =>
         {
             int qt = t % qTiles, bh = t / qTiles, b = bh / x.H, h = bh % x.H, i0 = qt * T, rows = Math.Min(T, x.Nq - i0);
             for (int r = 0; r < rows; r++)
@@ -148,6 +149,7 @@ internal static unsafe class CpuFlashBackward
     /// becomes P and <paramref name="dp"/> becomes dS = P ∘ (dP − Drow), natural units; masked keys and
     /// rows with no keys (LSE −∞) give 0 in both.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void ScoreGradients(float* s, float* dp, float* lse2Rows, float* dRows, in FlashOptions opt, int rows, int i0, int j0, int tl)
     {
         for (int r = 0; r < rows; r++)

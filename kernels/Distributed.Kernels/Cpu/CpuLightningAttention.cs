@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 
@@ -76,6 +77,7 @@ internal static unsafe class CpuLightningAttention
     /// (the next one the sweep reads) to be brought into L2 meanwhile: a head's rows are strided by the other
     /// heads, so the hardware prefetchers do not run a block ahead, and without this the copies wait on memory.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void LoadRows(float* X, int n, int heads, int width, int b, int head, int t0, int count, int ld, float* dst, int ahead = T)
     {
         int next = t0 + ahead;
@@ -122,6 +124,7 @@ internal static unsafe class CpuLightningAttention
         }
 
         /// <summary>Prefetches part <paramref name="part"/> of <paramref name="parts"/> of every tensor's rows.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public readonly void Prefetch(int part, int parts)
         {
             if (_rows <= 0 || !Sse.IsSupported) return;
@@ -142,6 +145,7 @@ internal static unsafe class CpuLightningAttention
     private static float* Row(float* X, int n, int heads, int width, int b, int head, int t0) => X + (((long)b * n + t0) * heads + head) * width;
 
     /// <summary>dst[c·ldDst + r] = src[r·ld + c] for r &lt; rows, c &lt; cols, in 16×16 blocks (in registers with AVX-512).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Transpose(float* src, int rows, int ld, int cols, float* dst, int ldDst)
     {
         for (int r0 = 0; r0 < rows; r0 += 16)
@@ -169,6 +173,7 @@ internal static unsafe class CpuLightningAttention
     /// only its first r0 + 16 columns (the rest of the band is above the diagonal and never read).
     /// <paramref name="kt"/> is Kᵀ [width, 64] zero-padded past the block; rows of q have stride <paramref name="ldq"/>.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void LowerScores(int bl, int width, float* q, int ldq, float* kt, float* dst, float* mask)
     {
         for (int r0 = 0; r0 < bl; r0 += 16)
@@ -180,6 +185,7 @@ internal static unsafe class CpuLightningAttention
     }
 
     /// <summary>c[i, :] = Σ_{j ≤ i} a[i, j] b[j, :] for i &lt; bl, where a is lower triangular from <see cref="LowerScores"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void LowerTimes(int bl, int n, float* a, float* b, int ldb, float* c, int ldc)
     {
         for (int r0 = 0; r0 < bl; r0 += 16)
@@ -187,6 +193,7 @@ internal static unsafe class CpuLightningAttention
     }
 
     /// <summary>c[j, :] = Σ_{j ≤ i &lt; bl} a[i, j] b[i, :] for j &lt; bl (aᵀ b), where a is lower triangular from <see cref="LowerScores"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void UpperTransposedTimes(int bl, int n, float* a, float* b, int ldb, float* c, int ldc)
     {
         for (int j0 = 0; j0 < bl; j0 += 16)
@@ -194,6 +201,7 @@ internal static unsafe class CpuLightningAttention
     }
 
     /// <summary>kt[c·64 + r] = k[r·ld + c] for r &lt; bl, c &lt; cols, zero for r ≥ bl.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void TransposeTile(float* k, int bl, int ld, int cols, float* kt)
     {
         Transpose(k, bl, ld, cols, kt, T);
@@ -230,7 +238,7 @@ internal static unsafe class CpuLightningAttention
         float* Q = q.Pointer, K = k.Pointer, V = v.Pointer, O = o.Pointer;
         float* S0 = s0 is null ? null : s0.Pointer, SE = sEnd is null ? null : sEnd.Pointer;
         int N = x.Nq;
-        CpuParallel.For(x.B * x.H, threads, bh =>
+        CpuParallel.For(x.B * x.H, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh) =>
         {
             int b = bh / x.H, h = bh % x.H, hk = h / x.Group;
             var t = new Tiles(x.D, x.Dv);
@@ -306,7 +314,7 @@ internal static unsafe class CpuLightningAttention
         long heads = (long)x.B * x.H;
         float* PK = direct ? null : partials.Get(heads * N * (D + Dv));
         float* PV = direct ? null : PK + heads * N * D;
-        CpuParallel.For(x.B * x.H, threads, bh =>
+        CpuParallel.For(x.B * x.H, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh) =>
         {
             int b = bh / x.H, h = bh % x.H, hk = h / x.Group;
             var t = new Tiles(D, Dv);
@@ -428,7 +436,7 @@ internal static unsafe class CpuLightningAttention
         if (direct) return;
         // dK[b, i, hk] = Σ_g partial[b, hk·G + g, i], and the same for dV.
         int blocks = (N + T - 1) / T;
-        CpuParallel.For(x.B * x.Hk * blocks, threads, task =>
+        CpuParallel.For(x.B * x.Hk * blocks, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (task) =>
         {
             int blk = task % blocks, bhk = task / blocks, b = bhk / x.Hk, hk = bhk % x.Hk;
             long h0 = (long)b * x.H + (long)hk * x.Group;
@@ -521,7 +529,7 @@ internal static unsafe class CpuLightningAttention
     {
         float* K = k.Pointer, V = v.Pointer, M = m.Pointer;
         int N = x.Nk;
-        CpuParallel.For(x.B * x.H, threads, bh =>
+        CpuParallel.For(x.B * x.H, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh) =>
         {
             int b = bh / x.H, h = bh % x.H, hk = h / x.Group;
             var t = new Tiles(x.D, x.Dv);
@@ -544,7 +552,7 @@ internal static unsafe class CpuLightningAttention
     public static void ChunkStateBackward(CpuTensor q, CpuTensor dO, float[] decay, bool causal, CpuTensor dM, int b_, int n, int heads, int d, int dv, int threads)
     {
         float* Q = q.Pointer, G = dO.Pointer, M = dM.Pointer;
-        CpuParallel.For(b_ * heads, threads, bh =>
+        CpuParallel.For(b_ * heads, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh) =>
         {
             int b = bh / heads, h = bh % heads;
             var t = new Tiles(d, dv);

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 namespace Distributed.Kernels.Cpu;
 
 /// <summary>
@@ -29,6 +30,7 @@ internal static unsafe class CpuLightningInterChunk
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void LoadRows(float* src, int n, int heads, int width, int b, int head, int t0, int count, int ld, float* dst)
     {
         for (int j = 0; j < count; j++)
@@ -58,7 +60,7 @@ internal static unsafe class CpuLightningInterChunk
     public static void Forward(CpuTensor q, float[] decay, bool causal, CpuTensor s0, CpuTensor o, int b0, int n, int heads, int d, int dv, int threads)
     {
         float* Q = q.Pointer, S0 = s0.Pointer, O = o.Pointer;
-        CpuParallel.For(b0 * heads, threads, bh =>
+        CpuParallel.For(b0 * heads, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh) =>
         {
             int b = bh / heads, h = bh % heads;
             var t = new Tiles(d, dv);
@@ -87,7 +89,7 @@ internal static unsafe class CpuLightningInterChunk
         if (s0 is not null)
         {
             float* S0 = s0.Pointer;
-            CpuParallel.For(x.B * x.H, threads, bh =>
+            CpuParallel.For(x.B * x.H, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bh) =>
             {
                 int b = bh / x.H, h = bh % x.H;
                 var t = new Tiles(d, dv);
@@ -110,7 +112,7 @@ internal static unsafe class CpuLightningInterChunk
         if (dSEnd is not null)
         {
             float* E = dSEnd.Pointer;
-            CpuParallel.For(x.B * x.Hk, threads, bhk =>
+            CpuParallel.For(x.B * x.Hk, threads, [MethodImpl(MethodImplOptions.AggressiveOptimization)] (bhk) =>
             {
                 int b = bhk / x.Hk, hk = bhk % x.Hk;
                 var t = new Tiles(d, dv);

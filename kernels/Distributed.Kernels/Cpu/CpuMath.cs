@@ -31,6 +31,7 @@ internal static unsafe class CpuMath
     /// <c>A(k, m) = a[k·aStrideK + m·aStrideM]</c> (any layout), B rows are contiguous with stride
     /// <paramref name="ldb"/>, C rows with stride <paramref name="ldc"/>. N must be a multiple of 16.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Gemm(int M, int N, int K, float* a, int aStrideK, int aStrideM, float* b, int ldb, float* c, int ldc, bool accumulate)
     {
         if (M <= 0 || N <= 0) return;
@@ -290,6 +291,7 @@ internal static unsafe class CpuMath
     public static float Exp2(float x) => x < -126f ? 0f : MathF.Pow(2f, x);
 
     /// <summary>y[i] *= x[i] over n elements.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Multiply(float* y, float* x, int n)
     {
         int i = 0;
@@ -301,6 +303,7 @@ internal static unsafe class CpuMath
     }
 
     /// <summary>dst[i] = a[i] + w·b[i] over n elements, or dst[i] += that when <paramref name="accumulate"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void AddScaled(float* dst, float* a, float* b, float w, int n, bool accumulate)
     {
         int i = 0;
@@ -331,6 +334,7 @@ internal static unsafe class CpuMath
     /// dst[c·ldDst + r] = src[r·ld + c] for one 16×16 block, in AVX-512 registers: 32-bit and 64-bit
     /// interleaves within 128-bit lanes, then two rounds of 128-bit lane shuffles (64 shuffles for 256 floats).
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Transpose16x16(float* src, int ld, float* dst, int ldDst)
     {
         var r = stackalloc Vector512<float>[16];
@@ -366,6 +370,7 @@ internal static unsafe class CpuMath
     }
 
     /// <summary>dst[i] = s·src[i] over n elements.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void ScaleTo(float* dst, float* src, int n, float s)
     {
         int i = 0;
@@ -383,6 +388,7 @@ internal static unsafe class CpuMath
     }
 
     /// <summary>y[i] *= s over n elements.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Scale(float* y, int n, float s)
     {
         int i = 0;
