@@ -212,6 +212,20 @@ internal static unsafe class CpuMath
         }
     }
 
+    /// <summary>2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 6, error ≤ (0.5 ln 2)^7 / 7! ≈ 1.2e-7.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Exp2Polynomial(Vector512<float> f)
+    {
+        var p = Vector512.Create(1.5403530393381606e-4f);
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(1.3333558146428443e-3f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(9.6181291076284772e-3f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(5.5504108664821580e-2f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.24022650695910071f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.69314718055994531f));
+        p = Vector512.FusedMultiplyAdd(p, f, Vector512<float>.One);
+        return p;
+    }
+
     /// <summary>2^x for 16 lanes; lanes below -126 (including -inf) give exactly 0. Relative error ≈ 2e-7.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> Exp2(Vector512<float> x)
@@ -220,14 +234,7 @@ internal static unsafe class CpuMath
         x = Vector512.Min(Vector512.Max(x, Vector512.Create(-126f)), Vector512.Create(127f));
         var n = Vector512.Round(x);
         var f = x - n; // [-0.5, 0.5]
-        // Taylor series of e^(f ln 2) to degree 6: error ≤ (0.5 ln 2)^7 / 7! ≈ 1.2e-7.
-        var p = Vector512.Create(1.5403530393381606e-4f);
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(1.3333558146428443e-3f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(9.6181291076284772e-3f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(5.5504108664821580e-2f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.24022650695910071f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.69314718055994531f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512<float>.One);
+        var p = Exp2Polynomial(f);
         var bits = (Vector512.ConvertToInt32(n) + Vector512.Create(127)) << 23;
         var r = p * bits.AsSingle();
         return Vector512.ConditionalSelect(underflow.AsInt32(), Vector512<int>.Zero, r.AsInt32()).AsSingle();
@@ -246,13 +253,7 @@ internal static unsafe class CpuMath
         x = Vector512.MaxNative(x, Vector512.Create(-126f));
         var n = Vector512.Round(x);
         var f = x - n;
-        var p = Vector512.Create(1.5403530393381606e-4f);
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(1.3333558146428443e-3f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(9.6181291076284772e-3f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(5.5504108664821580e-2f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.24022650695910071f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512.Create(0.69314718055994531f));
-        p = Vector512.FusedMultiplyAdd(p, f, Vector512<float>.One);
+        var p = Exp2Polynomial(f);
         return Avx512F.Scale(p, n);
     }
 
@@ -389,19 +390,5 @@ internal static unsafe class CpuMath
 
     /// <summary>y[i] *= s over n elements.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    public static void Scale(float* y, int n, float s)
-    {
-        int i = 0;
-        if (UseVector512)
-        {
-            var v = Vector512.Create(s);
-            for (; i + 16 <= n; i += 16) (Vector512.Load(y + i) * v).Store(y + i);
-        }
-        else if (UseVector256)
-        {
-            var v = Vector256.Create(s);
-            for (; i + 8 <= n; i += 8) (Vector256.Load(y + i) * v).Store(y + i);
-        }
-        for (; i < n; i++) y[i] *= s;
-    }
+    public static void Scale(float* y, int n, float s) => ScaleTo(y, y, n, s);
 }
