@@ -43,6 +43,21 @@ public readonly record struct AttentionDims(int B, int Nq, int Nk, int H, int Hk
             throw new ArgumentException($"{name} is {t} but must be [{string.Join(",", shape)}].", name);
     }
 
+    /// <summary>
+    /// Checks the tensors of a lightning backward against these dimensions: S0 and dS_end (when given)
+    /// <c>[B,H,D,Dv]</c>, dO <c>[B,Nq,H,Dv]</c>, dQ <c>[B,Nq,H,D]</c>, dK <c>[B,Nk,Hk,D]</c>, dV <c>[B,Nk,Hk,Dv]</c>.
+    /// </summary>
+    /// <exception cref="ArgumentException">A shape does not fit; ParamName names the tensor.</exception>
+    public void ExpectLightningGradients(DeviceTensor? s0, DeviceTensor dO, DeviceTensor? dSEnd, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
+    {
+        if (s0 is not null) Expect(s0, nameof(s0), B, H, D, Dv);
+        Expect(dO, nameof(dO), B, Nq, H, Dv);
+        if (dSEnd is not null) Expect(dSEnd, nameof(dSEnd), B, H, D, Dv);
+        Expect(dQ, nameof(dQ), B, Nq, H, D);
+        Expect(dK, nameof(dK), B, Nk, Hk, D);
+        Expect(dV, nameof(dV), B, Nk, Hk, Dv);
+    }
+
     /// <summary>Checks the per-head decay: H values in (0, 1].</summary>
     /// <exception cref="ArgumentException">Wrong count or a value outside (0, 1].</exception>
     public static void CheckDecay(ReadOnlySpan<float> decay, int heads)

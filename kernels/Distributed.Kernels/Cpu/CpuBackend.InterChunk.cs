@@ -22,12 +22,7 @@ public sealed unsafe partial class CpuBackend
         DeviceTensor? s0, DeviceTensor dO, DeviceTensor? dSEnd, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
     {
         var x = LightningDims(q, k, v, decay);
-        if (s0 is not null) AttentionDims.Expect(s0, nameof(s0), x.B, x.H, x.D, x.Dv);
-        AttentionDims.Expect(dO, nameof(dO), x.B, x.Nq, x.H, x.Dv);
-        if (dSEnd is not null) AttentionDims.Expect(dSEnd, nameof(dSEnd), x.B, x.H, x.D, x.Dv);
-        AttentionDims.Expect(dQ, nameof(dQ), x.B, x.Nq, x.H, x.D);
-        AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
-        AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
+        x.ExpectLightningGradients(s0, dO, dSEnd, dQ, dK, dV);
         if (x.Nq == 0) return;
         CpuLightningInterChunk.Backward(Cpu(k, nameof(k)), Cpu(v, nameof(v)), DecayArray(decay), causal, s0 is null ? null : Cpu(s0, nameof(s0)),
             Cpu(dO, nameof(dO)), dSEnd is null ? null : Cpu(dSEnd, nameof(dSEnd)), Cpu(dQ, nameof(dQ)), Cpu(dK, nameof(dK)), Cpu(dV, nameof(dV)), x, Threads);

@@ -176,12 +176,7 @@ public sealed unsafe partial class CpuBackend : IKernelBackend
         DeviceTensor? s0, DeviceTensor dO, DeviceTensor? dSEnd, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV, DeviceTensor? dS0)
     {
         var x = LightningDims(q, k, v, decay);
-        if (s0 is not null) AttentionDims.Expect(s0, nameof(s0), x.B, x.H, x.D, x.Dv);
-        AttentionDims.Expect(dO, nameof(dO), x.B, x.Nq, x.H, x.Dv);
-        if (dSEnd is not null) AttentionDims.Expect(dSEnd, nameof(dSEnd), x.B, x.H, x.D, x.Dv);
-        AttentionDims.Expect(dQ, nameof(dQ), x.B, x.Nq, x.H, x.D);
-        AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
-        AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
+        x.ExpectLightningGradients(s0, dO, dSEnd, dQ, dK, dV);
         if (dS0 is not null) AttentionDims.Expect(dS0, nameof(dS0), x.B, x.H, x.D, x.Dv);
         // The GQA partials live in one buffer per backend; serialise concurrent backwards on it.
         lock (_lightningPartials)

@@ -46,12 +46,7 @@ public sealed partial class IlgpuBackend
     {
         var x = LightningDims(q, k, v);
         AttentionDims.CheckDecay(decay, x.H);
-        if (s0 is not null) AttentionDims.Expect(s0, nameof(s0), x.B, x.H, x.D, x.Dv);
-        AttentionDims.Expect(dO, nameof(dO), x.B, x.Nq, x.H, x.Dv);
-        if (dSEnd is not null) AttentionDims.Expect(dSEnd, nameof(dSEnd), x.B, x.H, x.D, x.Dv);
-        AttentionDims.Expect(dQ, nameof(dQ), x.B, x.Nq, x.H, x.D);
-        AttentionDims.Expect(dK, nameof(dK), x.B, x.Nk, x.Hk, x.D);
-        AttentionDims.Expect(dV, nameof(dV), x.B, x.Nk, x.Hk, x.Dv);
+        x.ExpectLightningGradients(s0, dO, dSEnd, dQ, dK, dV);
         if (x.Nq == 0) return;
         var p = InterChunkParams(x.B, x.Nq, x.H, x.Hk, x.D, x.Dv, causal);
         var ln = UploadLnDecay(decay);

@@ -320,12 +320,7 @@ public sealed partial class IlgpuBackend : IKernelBackend
     {
         var dims = LightningDims(q, k, v);
         AttentionDims.CheckDecay(decay, dims.H);
-        if (s0 is not null) AttentionDims.Expect(s0, nameof(s0), dims.B, dims.H, dims.D, dims.Dv);
-        AttentionDims.Expect(dO, nameof(dO), dims.B, dims.Nq, dims.H, dims.Dv);
-        if (dSEnd is not null) AttentionDims.Expect(dSEnd, nameof(dSEnd), dims.B, dims.H, dims.D, dims.Dv);
-        AttentionDims.Expect(dQ, nameof(dQ), dims.B, dims.Nq, dims.H, dims.D);
-        AttentionDims.Expect(dK, nameof(dK), dims.B, dims.Nk, dims.Hk, dims.D);
-        AttentionDims.Expect(dV, nameof(dV), dims.B, dims.Nk, dims.Hk, dims.Dv);
+        dims.ExpectLightningGradients(s0, dO, dSEnd, dQ, dK, dV);
         if (dS0 is not null) AttentionDims.Expect(dS0, nameof(dS0), dims.B, dims.H, dims.D, dims.Dv);
         if (dims.Nq == 0)
         {
