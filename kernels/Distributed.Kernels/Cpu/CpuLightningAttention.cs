@@ -85,14 +85,10 @@ internal static unsafe class CpuLightningAttention
         int nextCount = prefetch ? Math.Min(count, n - next) : 0;
         for (int j = 0; j < count; j++)
         {
-            float* src = X + (((long)b * n + t0 + j) * heads + head) * width;
+            float* src = Row(X, n, heads, width, b, head, t0 + j);
             new Span<float>(src, width).CopyTo(new Span<float>(dst + j * ld, width));
             if (ld > width) new Span<float>(dst + j * ld + width, ld - width).Clear();
-            if (j < nextCount)
-            {
-                byte* p = (byte*)(X + (((long)b * n + next + j) * heads + head) * width);
-                for (int line = 0; line < width * sizeof(float); line += 64) Sse.Prefetch1(p + line);
-            }
+            if (j < nextCount) PrefetchRow(Row(X, n, heads, width, b, head, next + j), width);
         }
     }
 
@@ -131,14 +127,16 @@ internal static unsafe class CpuLightningAttention
             int r0 = part * _rows / parts, r1 = (part + 1) * _rows / parts;
             for (int s = 0; s < _count; s++)
             {
-                int bytes = _width[s] * sizeof(float);
-                for (int j = r0; j < r1; j++)
-                {
-                    byte* p = (byte*)(_first[s] + j * _stride[s] * sizeof(float));
-                    for (int line = 0; line < bytes; line += 64) Sse.Prefetch1(p + line);
-                }
+                for (int j = r0; j < r1; j++) PrefetchRow((float*)_first[s] + j * _stride[s], _width[s]);
             }
         }
+    }
+
+    /// <summary>Asks for the cache lines of <paramref name="width"/> floats at <paramref name="row"/> to be brought into L2.</summary>
+    private static void PrefetchRow(float* row, int width)
+    {
+        byte* p = (byte*)row;
+        for (int line = 0; line < width * sizeof(float); line += 64) Sse.Prefetch1(p + line);
     }
 
     /// <summary>Row t0 of one head of a [B, n, heads, width] tensor.</summary>
