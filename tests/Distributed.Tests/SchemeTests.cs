@@ -125,10 +125,10 @@ public sealed class SchemeTests(ITestOutputHelper output)
     }
 
     /// <summary>Runs forward+backward on 4 ranks and returns rank 0's counters of that step.</summary>
-    private static IReadOnlyDictionary<CommOp, CommOpCount> CountOneStep(AttentionKind kind, ParallelScheme scheme, int n, int h = 1, int d = 16, bool backward = true)
+    private static IReadOnlyDictionary<CommOp, CommOpCount> CountOneStep(AttentionKind kind, ParallelScheme scheme, int n, int h = 1, int d = 16, bool backward = true, bool overlap = true)
     {
         var shape = new AttentionShape(1, n, h, h, d, d);
-        var options = new SequenceParallelOptions { Attention = kind, Scheme = scheme, Causal = true, Decay = kind == AttentionKind.Lightning ? Enumerable.Repeat(0.9f, h).ToArray() : null };
+        var options = new SequenceParallelOptions { Attention = kind, Scheme = scheme, Causal = true, Decay = kind == AttentionKind.Lightning ? Enumerable.Repeat(0.9f, h).ToArray() : null, Overlap = overlap };
         return InProcessCommunicator.Run(4, comm =>
         {
             using var backend = new CpuBackend(1);
@@ -146,12 +146,14 @@ public sealed class SchemeTests(ITestOutputHelper output)
         }, TimeSpan.FromSeconds(300))[0];
     }
 
-    [Fact]
-    public void Lasp2_OneAllGatherPerPass_BytesIndependentOfSequenceLength()
+    [Theory]
+    [InlineData(false, 1)]  // blocking: one all-gather of both zigzag states per pass
+    [InlineData(true, 2)]   // overlapped: the same states as one all-gather per zigzag half, started as each is ready
+    public void Lasp2_StatesGatheredOncePerPass_BytesIndependentOfSequenceLength(bool overlap, int allGathersPerPass)
     {
-        var small = CountOneStep(AttentionKind.Lightning, ParallelScheme.Lasp2, 4096);
-        var large = CountOneStep(AttentionKind.Lightning, ParallelScheme.Lasp2, 65536);
-        Assert.Equal(2, small[CommOp.AllGather].Calls); // one forward, one backward
+        var small = CountOneStep(AttentionKind.Lightning, ParallelScheme.Lasp2, 4096, overlap: overlap);
+        var large = CountOneStep(AttentionKind.Lightning, ParallelScheme.Lasp2, 65536, overlap: overlap);
+        Assert.Equal(2 * allGathersPerPass, small[CommOp.AllGather].Calls); // forward and backward
         Assert.Equal(small[CommOp.AllGather].BytesSent, large[CommOp.AllGather].BytesSent);
         Assert.Equal(small.Values.Sum(c => c.BytesSent), large.Values.Sum(c => c.BytesSent));
         // Zigzag: two [B,H,D,Dv] states per rank per pass.
@@ -173,9 +175,10 @@ public sealed class SchemeTests(ITestOutputHelper output)
     public void Hybrid_SubGroupTrafficShowsOnTheCallersCounters()
     {
         // H = 2 on 4 ranks: Ph = 2, Ps = 2. Each pass is one Ulysses all-to-all each way in the head group
-        // plus the LASP-2 all-gather across groups; all of it must reach the caller's counters.
+        // plus the LASP-2 state all-gather across groups (overlapped: one per zigzag half); all of it must
+        // reach the caller's counters.
         var c = CountOneStep(AttentionKind.Lightning, ParallelScheme.Hybrid, 256, h: 2);
-        Assert.Equal(2, c[CommOp.AllGather].Calls);
+        Assert.Equal(4, c[CommOp.AllGather].Calls);
         Assert.Equal(4, c[CommOp.AllToAll].Calls);
         // One head per rank after the shuffle: two [1,1,16,16] zigzag states per pass.
         Assert.Equal(2 * 2 * 16 * 16 * sizeof(float), c[CommOp.AllGather].BytesSent);

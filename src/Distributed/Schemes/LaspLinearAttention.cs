@@ -35,7 +35,7 @@ internal sealed class LaspLinearAttention : IScheme
     private readonly float[] _gathered;
     private readonly float[][] _byChunk;   // every chunk's state, filed by global chunk index (reused)
     private readonly float[][] _result;    // per local chunk: S0 or dS_end (reused)
-    private readonly float[] _running;      // the prefix or suffix being accumulated
+    private readonly bool[] _filed;         // which global chunks' states have arrived this pass
     private readonly DeviceTensor[] _states;   // per local chunk: M, then S0 (forward) or dM, then dS_end (backward)
     private readonly DeviceTensor[] _prefix;   // per local chunk: S_<g, kept for the backward pass
     private DeviceTensor[]? _q, _k, _v;
@@ -63,7 +63,7 @@ internal sealed class LaspLinearAttention : IScheme
         _gathered = new float[p * _send.Length];
         _byChunk = Enumerable.Range(0, chunks).Select(_ => new float[_stateLength]).ToArray();
         _result = _myChunks.Select(_ => HostBuffer.Allocate(_stateLength)).ToArray();  // host → device
-        _running = new float[_stateLength];
+        _filed = new bool[chunks];
         _states = _myChunks.Select(_ => backend.Allocate(shape.Batch, shape.Heads, shape.HeadDim, shape.ValueDim)).ToArray();
         _prefix = _myChunks.Select(_ => backend.Allocate(shape.Batch, shape.Heads, shape.HeadDim, shape.ValueDim)).ToArray();
     }
@@ -87,12 +87,11 @@ internal sealed class LaspLinearAttention : IScheme
             for (int c = 0; c < _myChunks.Length; c++) _backend.LightningChunkState(ks[c], vs[c], _decay, _causal, _states[c]);
         });
         ExchangeStates();
-        float[][] s0 = _causal ? Prefixes(_byChunk) : AllButOwn(_byChunk);
         _clock.Compute(() =>
         {
             for (int c = 0; c < _myChunks.Length; c++)
             {
-                _prefix[c].CopyFromHost(s0[c]);
+                _prefix[c].CopyFromHost(_causal ? Prefix(c) : AllButOwn(c));
                 _backend.LightningForward(qs[c], ks[c], vs[c], _decay, _causal, _prefix[c], os[c], null);
             }
             _local.Join(os, o);
@@ -115,7 +114,6 @@ internal sealed class LaspLinearAttention : IScheme
             for (int c = 0; c < _myChunks.Length; c++) _backend.LightningChunkStateBackward(_q[c], dOs[c], _decay, _causal, _states[c]);
         });
         ExchangeStates();
-        float[][] dSEnd = _causal ? Suffixes(_byChunk) : AllButOwn(_byChunk);
         _clock.Compute(() =>
         {
             var dQs = _local.Output("dQ", dQ);
@@ -123,7 +121,7 @@ internal sealed class LaspLinearAttention : IScheme
             var dVs = _local.Output("dV", dV);
             for (int c = 0; c < _myChunks.Length; c++)
             {
-                _states[c].CopyFromHost(dSEnd[c]);
+                _states[c].CopyFromHost(_causal ? Suffix(c) : AllButOwn(c));
                 _backend.LightningBackward(_q[c], _k[c], _v[c], _decay, _causal, _prefix[c], dOs[c], _states[c], dQs[c], dKs[c], dVs[c], null);
             }
             _local.Join(dQs, dQ);
@@ -132,7 +130,12 @@ internal sealed class LaspLinearAttention : IScheme
         });
     }
 
-    /// <summary>Forward with the all-gather in flight during the intra-chunk outputs (S0 = 0).</summary>
+    /// <summary>
+    /// Forward with the states in flight during the intra-chunk outputs (S0 = 0). Each local chunk's state
+    /// travels in its own all-gather (one per zigzag half), started as soon as it is computed, so the first
+    /// half is on the wire while the second half's state is computed; after the intra-chunk work the
+    /// first chunk's inter-chunk term (which needs only the first halves) runs while the second half arrives.
+    /// </summary>
     private void ForwardOverlapped(DeviceTensor q, DeviceTensor k, DeviceTensor v, DeviceTensor o)
     {
         DeviceTensor[] qs = null!, ks = null!, vs = null!, os = null!;
@@ -142,37 +145,55 @@ internal sealed class LaspLinearAttention : IScheme
             ks = _local.Split("k", k);
             vs = _local.Split("v", v);
             os = _local.Output("o", o);
-            for (int c = 0; c < _myChunks.Length; c++) _backend.LightningChunkState(ks[c], vs[c], _decay, _causal, _states[c]);
         });
-        var inFlight = StartExchange();
+        Array.Clear(_filed);
+        var inFlight = new CommRequest[_myChunks.Length];
+        for (int c = 0; c < _myChunks.Length; c++)
+        {
+            _clock.Compute(() => _backend.LightningChunkState(ks[c], vs[c], _decay, _causal, _states[c]));
+            inFlight[c] = StartPiece(c);
+        }
         _clock.Compute(() =>
         {
             for (int c = 0; c < _myChunks.Length; c++) _backend.LightningForward(qs[c], ks[c], vs[c], _decay, _causal, null, os[c], null);
         });
-        FinishExchange(inFlight);
-        float[][] s0 = _causal ? Prefixes(_byChunk) : AllButOwn(_byChunk);
-        _clock.Compute(() =>
+        // Causal: chunk c (global r for c = 0, 2P−1−r for c = 1) needs the states of every chunk before it,
+        // which are the pieces 0..c. Non-causal: every chunk needs every piece.
+        for (int c = 0; c < _myChunks.Length; c++)
         {
-            for (int c = 0; c < _myChunks.Length; c++)
+            FinishPiece(inFlight[c], c);
+            if (!_causal && c < _myChunks.Length - 1) continue;
+            for (int done = _causal ? c : 0; done <= c; done++)
             {
-                _prefix[c].CopyFromHost(s0[c]);
-                _backend.LightningInterChunkForward(qs[c], _decay, _causal, _prefix[c], os[c]);
+                var s0 = _causal ? Prefix(done) : AllButOwn(done);
+                _clock.Compute(() =>
+                {
+                    _prefix[done].CopyFromHost(s0);
+                    _backend.LightningInterChunkForward(qs[done], _decay, _causal, _prefix[done], os[done]);
+                });
             }
-            _local.Join(os, o);
-        });
+        }
+        _clock.Compute(() => _local.Join(os, o));
         (_q, _k, _v) = (qs, ks, vs);
     }
 
-    /// <summary>Backward with the all-gather in flight during the local gradients (S0 = 0, dS_end = 0).</summary>
+    /// <summary>
+    /// Backward with the dM states in flight during the local gradients (S0 = 0, dS_end = 0), in the mirror
+    /// order of the forward: the last local chunk's dM first, since causal dS_end of chunk 2P−1−r needs only
+    /// the second halves.
+    /// </summary>
     private void BackwardOverlapped(DeviceTensor dO, DeviceTensor dQ, DeviceTensor dK, DeviceTensor dV)
     {
         DeviceTensor[] dOs = null!;
-        _clock.Compute(() =>
+        _clock.Compute(() => dOs = _local.Split("dO", dO));
+        int last = _myChunks.Length - 1;
+        Array.Clear(_filed);
+        var inFlight = new CommRequest[_myChunks.Length];
+        for (int c = last; c >= 0; c--)
         {
-            dOs = _local.Split("dO", dO);
-            for (int c = 0; c < _myChunks.Length; c++) _backend.LightningChunkStateBackward(_q![c], dOs[c], _decay, _causal, _states[c]);
-        });
-        var inFlight = StartExchange();
+            _clock.Compute(() => _backend.LightningChunkStateBackward(_q![c], dOs[c], _decay, _causal, _states[c]));
+            inFlight[c] = StartPiece(c);
+        }
         DeviceTensor[] dQs = null!, dKs = null!, dVs = null!;
         _clock.Compute(() =>
         {
@@ -182,92 +203,93 @@ internal sealed class LaspLinearAttention : IScheme
             for (int c = 0; c < _myChunks.Length; c++)
                 _backend.LightningBackward(_q![c], _k![c], _v![c], _decay, _causal, null, dOs[c], null, dQs[c], dKs[c], dVs[c], null);
         });
-        FinishExchange(inFlight);
-        float[][] dSEnd = _causal ? Suffixes(_byChunk) : AllButOwn(_byChunk);
+        for (int c = last; c >= 0; c--)
+        {
+            FinishPiece(inFlight[c], c);
+            if (!_causal && c > 0) continue;
+            for (int done = _causal ? c : last; done >= c; done--)
+            {
+                var dSEnd = _causal ? Suffix(done) : AllButOwn(done);
+                _clock.Compute(() =>
+                {
+                    _states[done].CopyFromHost(dSEnd);
+                    _backend.LightningInterChunkBackward(_q![done], _k![done], _v![done], _decay, _causal, _prefix[done], dOs[done], _states[done], dQs[done], dKs[done], dVs[done]);
+                });
+            }
+        }
         _clock.Compute(() =>
         {
-            for (int c = 0; c < _myChunks.Length; c++)
-            {
-                _states[c].CopyFromHost(dSEnd[c]);
-                _backend.LightningInterChunkBackward(_q![c], _k![c], _v![c], _decay, _causal, _prefix[c], dOs[c], _states[c], dQs[c], dKs[c], dVs[c]);
-            }
             _local.Join(dQs, dQ);
             _local.Join(dKs, dK);
             _local.Join(dVs, dV);
         });
     }
 
-    /// <summary>Stages the local states and starts the one all-gather; the buffers stay untouched until it is finished.</summary>
-    private CommRequest StartExchange()
+    /// <summary>Stages local chunk c's state and starts its all-gather (piece c: every rank's c-th chunk); the
+    /// buffers stay untouched until it is finished.</summary>
+    private CommRequest StartPiece(int c)
     {
         CommRequest request = null!;
         _clock.Communicate(() =>
         {
-            for (int c = 0; c < _myChunks.Length; c++) _states[c].CopyToHost(_send.AsSpan((int)(c * _stateLength), (int)_stateLength));
-            request = _comm.StartAllGather(_send, _gathered);
+            var send = _send.AsMemory((int)(c * _stateLength), (int)_stateLength);
+            _states[c].CopyToHost(send.Span);
+            request = _comm.StartAllGather(send, _gathered.AsMemory((int)(c * _comm.Size * _stateLength), (int)(_comm.Size * _stateLength)));
         });
         return request;
     }
 
-    /// <summary>Waits for the all-gather and files every rank's states by global chunk index.</summary>
-    private void FinishExchange(CommRequest request)
+    /// <summary>Waits for piece c and files every rank's c-th chunk state by global chunk index.</summary>
+    private void FinishPiece(CommRequest request, int c)
     {
         _clock.Communicate(() =>
         {
             request.Wait();
-            FileByChunk();
+            for (int r = 0; r < _comm.Size; r++)
+                File(_rankChunks[r][c], _gathered.AsSpan((int)((c * _comm.Size + r) * _stateLength), (int)_stateLength));
         });
     }
 
-    private void FileByChunk()
-    {
-        for (int r = 0; r < _comm.Size; r++)
-            for (int c = 0; c < _rankChunks[r].Length; c++)
-                _gathered.AsSpan((int)((r * _rankChunks[r].Length + c) * _stateLength), (int)_stateLength).CopyTo(_byChunk[_rankChunks[r][c]]);
-    }
-
-    /// <summary>The one all-gather: every rank's chunk states, filed by global chunk index.</summary>
+    /// <summary>The blocking path: one all-gather of every local state, filed by global chunk index.</summary>
     private void ExchangeStates()
     {
         _clock.Communicate(() =>
         {
+            Array.Clear(_filed);
             for (int c = 0; c < _myChunks.Length; c++) _states[c].CopyToHost(_send.AsSpan((int)(c * _stateLength), (int)_stateLength));
             _comm.AllGather(_send, _gathered);
-            FileByChunk();
+            for (int r = 0; r < _comm.Size; r++)
+                for (int c = 0; c < _rankChunks[r].Length; c++)
+                    File(_rankChunks[r][c], _gathered.AsSpan((int)((r * _rankChunks[r].Length + c) * _stateLength), (int)_stateLength));
         });
     }
 
-    /// <summary>S_&lt;g for each local chunk: S_&lt;0 = 0, S_&lt;(g+1) = λ^(L_g) S_&lt;g + M_g.</summary>
-    private float[][] Prefixes(float[][] m)
+    private void File(int g, ReadOnlySpan<float> state)
     {
-        var result = _result;
-        var s = _running;
-        Array.Clear(s);
-        int last = _myChunks.Max();
-        for (int g = 0; g <= last; g++)
-        {
-            for (int c = 0; c < _myChunks.Length; c++)
-                if (_myChunks[c] == g) s.CopyTo(result[c], 0);
-            DecayAndAdd(s, g, m[g]);
-        }
-        return result;
+        state.CopyTo(_byChunk[g]);
+        _filed[g] = true;
     }
 
-    /// <summary>The gradient reaching each local chunk's outgoing state: T_(g+1), with T_g = dM_g + λ^(L_g) T_(g+1).</summary>
-    private float[][] Suffixes(float[][] dm)
+    /// <summary>S_&lt;g for local chunk c (g its global index): S_&lt;0 = 0, S_&lt;(g+1) = λ^(L_g) S_&lt;g + M_g.</summary>
+    private float[] Prefix(int c)
     {
-        var result = _result;
-        var t = _running;
-        Array.Clear(t);
-        int first = _myChunks.Min();
-        for (int g = dm.Length - 1; g >= first; g--)
-        {
-            for (int c = 0; c < _myChunks.Length; c++)
-                if (_myChunks[c] == g) t.CopyTo(result[c], 0);
-            DecayAndAdd(t, g, dm[g]);
-        }
-        return result;
+        var s = _result[c];
+        Array.Clear(s);
+        for (int g = 0; g < _myChunks[c]; g++) DecayAndAdd(s, g, Filed(g));
+        return s;
     }
+
+    /// <summary>The gradient reaching local chunk c's outgoing state: T_(g+1), with T_g = dM_g + λ^(L_g) T_(g+1).</summary>
+    private float[] Suffix(int c)
+    {
+        var t = _result[c];
+        Array.Clear(t);
+        for (int g = _byChunk.Length - 1; g > _myChunks[c]; g--) DecayAndAdd(t, g, Filed(g));
+        return t;
+    }
+
+    /// <summary>A gathered state; refuses one whose piece has not arrived yet (an ordering bug would read stale data).</summary>
+    private float[] Filed(int g) => _filed[g] ? _byChunk[g] : throw new InvalidOperationException($"LASP-2: the state of chunk {g} is read before its all-gather finished.");
 
     /// <summary>acc ← λ_h^(L_g) acc + x, per head.</summary>
     private void DecayAndAdd(float[] acc, int g, float[] x)
@@ -282,23 +304,18 @@ internal sealed class LaspLinearAttention : IScheme
             }
     }
 
-    /// <summary>Non-causal: Σ over every other chunk, in chunk order.</summary>
-    private float[][] AllButOwn(float[][] states)
+    /// <summary>Non-causal: Σ over every chunk but local chunk c's own, in chunk order.</summary>
+    private float[] AllButOwn(int c)
     {
-        var result = _result;
-        for (int c = 0; c < _myChunks.Length; c++)
+        var sum = _result[c];
+        Array.Clear(sum);
+        for (int g = 0; g < _byChunk.Length; g++)
         {
-            var sum = result[c];
-            Array.Clear(sum);
-            for (int g = 0; g < states.Length; g++)
-            {
-                if (g == _myChunks[c]) continue;
-                var x = states[g];
-                for (int i = 0; i < sum.Length; i++) sum[i] += x[i];
-            }
-            result[c] = sum;
+            if (g == _myChunks[c]) continue;
+            var x = Filed(g);
+            for (int i = 0; i < sum.Length; i++) sum[i] += x[i];
         }
-        return result;
+        return sum;
     }
 
     public void Dispose()
