@@ -38,6 +38,16 @@ public static class RankRunner
         switch (launch.Kind)
         {
             case LaunchKind.Mpich:
+                // Before MPI starts its threads (and ours), so that they inherit the mask.
+                try
+                {
+                    RankAffinity.Apply(launch);
+                }
+                catch (InvalidOperationException e)
+                {
+                    if (launch.Rank == 0) error.WriteLine(e.Message);
+                    return 2;
+                }
                 return MpiCommunicator.RunWorld(body);
             case LaunchKind.OpenMpi:
                 error.WriteLine($"rank {launch.Rank} failed: Open MPI's mpiexec started this process, but MPI.NET here speaks the MPICH ABI. Launch with MPICH's mpiexec (mpiexec.mpich; apt-get install mpich) or use dsattn launch.");

@@ -1,5 +1,9 @@
 using System.CommandLine;
 using Distributed.Cli.Commands;
+using Distributed.Cluster;
+
+// An MPI rank sharing its host restarts inside its share of the cores (DSATTN_BIND=off keeps it as started).
+RankAffinity.RestartPinned();
 
 var root = new RootCommand("dsattn: sequence-parallel attention (LASP-2, all-gather KV, partial softmax states, ring, Ulysses, hybrid) over MPI or in-process ranks.");
 root.Subcommands.Add(RunCommand.Create());

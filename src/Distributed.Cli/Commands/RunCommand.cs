@@ -39,6 +39,7 @@ internal static class RunCommand
         var device = new Option<int?>("--device") { Description = "GPU index for this rank. Default: local rank % device count." };
         var seed = new Option<ulong>("--seed") { Description = "Seed of the synthetic inputs (and of the rows --check samples).", DefaultValueFactory = _ => 1234 };
         var iterations = new Option<int>("--iterations") { Description = "Repeat the step K times (timings are per step).", DefaultValueFactory = _ => 1 };
+        var warmup = new Option<int>("--warmup") { Description = "Untimed steps before the timed ones (JIT, pools, first-touch memory), so that the timings and the hidden share show the steady state.", DefaultValueFactory = _ => 0 };
         var check = new Option<string?>("--check") { Description = "Verify the run. --check (or --check sampled): an independent fp64 reference computed from the inputs on sampled rows of every rank (first and last row of each shard range plus random rows, all heads) for O, LSE, dQ, dK and dV; cheap at any N. --check full: rank 0 reruns the same kernels over the whole sequence on one device. Both print the max relative error per tensor; exit code 1 above --tolerance.", Arity = ArgumentArity.ZeroOrOne };
         check.AcceptOnlyFromAmong("sampled", "full");
         var checkFinite = new Option<bool>("--check-finite") { Description = "Scan the inputs (Q, K, V and dO) for NaN and Inf before the first step; a bad value ends the run with exit code 2, naming the tensor and the first bad element, and nothing is written." };
@@ -64,7 +65,7 @@ internal static class RunCommand
         var command = new Command("run", "Run one attention layer split over ranks: in-process ranks by default, MPI ranks under mpiexec. Inputs are synthetic, or .npy files (--q --k --v [--dout]); outputs can be written as .npy (--out, --lse, --grads).")
         {
             ranks, attention, scheme, batch, seq, heads, kvHeads, headDim, valueDim, causal, noCausal, decay, layout, ulyssesDegree,
-            hybridScheme, backward, backend, device, seed, iterations, check, checkFinite, checkRows, tolerance, json, noProgress,
+            hybridScheme, backward, backend, device, seed, iterations, warmup, check, checkFinite, checkRows, tolerance, json, noProgress,
             qFile, kFile, vFile, doutFile, outFile, lseFile, gradsPrefix, controlPlane, hangTimeout, coordinatorBind, failRank, failAt,
         };
         var linkOptions = LinkOptions.AddTo(command);
@@ -109,6 +110,7 @@ internal static class RunCommand
                 Device = parse.GetValue(device),
                 Seed = parse.GetValue(seed),
                 Iterations = parse.GetValue(iterations),
+                Warmup = parse.GetValue(warmup),
                 Check = checkMode,
                 CheckFinite = parse.GetValue(checkFinite),
                 CheckRows = parse.GetValue(checkRows),

@@ -90,17 +90,35 @@ internal static class RankJob
         if (comm.Rank == s.FailRank && s.FailAt == "start")
             throw new InvalidOperationException($"injected failure on rank {comm.Rank} (--fail-rank {s.FailRank}), while the other ranks wait in the scheme's first collective");
 
+        if (s.Warmup > 0)
+        {
+            progress.Phase($"{s.Warmup} warm-up step(s)", s.Warmup * (s.Backward ? 3.5 : 1));
+            for (int w = 0; w < s.Warmup; w++)
+            {
+                attention.Forward(q, k, v, o);
+                progress.Advance(1);
+                if (s.Backward)
+                {
+                    attention.Backward(dO!, dQ!, dK!, dV!);
+                    progress.Advance(2.5);
+                }
+            }
+            backend.Synchronize();
+        }
         comm.Barrier();
         attention.ResetTimings();
         link?.Statistics.Reset();
         var before = comm.Counters.Snapshot();
         double forwardMs = 0, backwardMs = 0;
-        long allocatedAfterFirstStep = 0;
+        // Without --warmup the first timed step is the warm-up (JIT, pools, scratch) for the allocation figure:
+        // what the steps after it allocate is the steady state.
+        bool warmed = s.Warmup > 0;
+        int allocatedSteps = warmed ? s.Iterations : s.Iterations - 1;
+        long allocatedMark = warmed ? AllocatedBytesMark(comm) : 0;
         progress.Phase(s.Iterations > 1 ? $"{s.Iterations} steps" : s.Backward ? "forward + backward" : "forward", s.Iterations * (s.Backward ? 3.5 : 1));
         for (int it = 0; it < s.Iterations; it++)
         {
-            // The first step is warm-up (JIT, pools, scratch); what the steps after it allocate is the steady state.
-            if (it == 1) allocatedAfterFirstStep = AllocatedBytesMark(comm);
+            if (!warmed && it == 1) allocatedMark = AllocatedBytesMark(comm);
             var sw = Stopwatch.StartNew();
             attention.Forward(q, k, v, o);
             backend.Synchronize();
@@ -116,8 +134,8 @@ internal static class RankJob
             }
         }
         // In-process ranks share the process's counter: its growth over the steps is divided among them.
-        double allocatedPerStep = s.Iterations > 1
-            ? (AllocatedBytesMark(comm) - allocatedAfterFirstStep) / (double)(comm is InProcessCommunicator ? comm.Size : 1) / (s.Iterations - 1)
+        double allocatedPerStep = allocatedSteps > 0
+            ? (AllocatedBytesMark(comm) - allocatedMark) / (double)(comm is InProcessCommunicator ? comm.Size : 1) / allocatedSteps
             : double.NaN;
         var after = comm.Counters.Snapshot();
         double linkCommMs = link?.Statistics.CommunicationMs ?? 0, linkWaitedMs = link?.Statistics.WaitedMs ?? 0;

@@ -58,7 +58,7 @@ internal static class RunExecution
             Console.WriteLine($"dsattn run: the representative verified job on {s.Ranks} in-process ranks (no MPI needed). Options: dsattn run --help");
         // Ranks on this host share its cores: each rank's CPU backend gets its share.
         int ranksHere = launch.Kind == LaunchKind.Mpich ? Math.Max(1, launch.LocalSize) : s.Ranks;
-        int threads = Math.Max(1, Environment.ProcessorCount / ranksHere);
+        int threads = RankAffinity.ThreadsPerRank(ranksHere);
         backendFactory ??= (name, device, cpuThreads) => KernelBackends.Create(name, device, cpuThreads);
         bool controlPlane = launch.Kind == LaunchKind.Mpich && (s.ControlPlane ?? true);
         // In-process ranks keep their own detection: --hang-timeout, when given, is the job's time limit.
@@ -95,6 +95,7 @@ internal static class RunExecution
         if (s.ValueDim < 1) return $"--value-dim must be at least 1 (got {s.ValueDim}).";
         if (s.HangTimeout is { } ht && !(ht > 0)) return $"--hang-timeout must be positive (got {ht}).";
         if (s.Iterations < 1) return $"--iterations must be at least 1 (got {s.Iterations}).";
+        if (s.Warmup < 0) return $"--warmup must be 0 or more (got {s.Warmup}).";
         if (s.CheckRows < 0) return $"--check-rows must be 0 or more (got {s.CheckRows}).";
         if (!(s.Tolerance > 0)) return "--tolerance must be positive.";
         var f = s.Files;
@@ -215,7 +216,7 @@ internal static class RunExecution
 
     private static string DeviceName(IKernelBackend backend, int device, int cpuThreads) => backend is IlgpuBackend ilgpu
         ? (ilgpu.Accelerator.AcceleratorType == ILGPU.Runtime.AcceleratorType.Cuda ? $"cuda:{device} " : "") + ilgpu.Accelerator.Name
-        : $"host CPU, {cpuThreads} thread(s)";
+        : $"host CPU, {cpuThreads} thread(s){(RankAffinity.Description.StartsWith("cores", StringComparison.Ordinal) ? $" on {RankAffinity.Description}" : "")}";
 
     /// <summary>A random id for this job's temporary files, drawn on rank 0 and shared with every rank.</summary>
     private static string AgreeJobId(ICommunicator comm)

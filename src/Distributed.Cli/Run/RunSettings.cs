@@ -84,6 +84,8 @@ internal sealed record RunSettings
     public int? Device { get; init; }
     public ulong Seed { get; init; } = 1234;
     public int Iterations { get; init; } = 1;
+    /// <summary>--warmup: untimed steps before the timed <see cref="Iterations"/>.</summary>
+    public int Warmup { get; init; }
     public CheckMode Check { get; init; }
     /// <summary>--check-finite: scan the inputs for NaN and ±Inf before the first step.</summary>
     public bool CheckFinite { get; init; }

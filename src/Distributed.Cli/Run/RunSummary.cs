@@ -13,17 +13,20 @@ internal static class RunSummary
     public static void Print(JobResult r, RunSettings s, bool inProcess)
     {
         var text = new StringBuilder();
-        text.AppendLine(FormattableString.Invariant($"{RunExecution.Describe(r.Spec, r.Shape)}, {r.Layout} sharding, {s.Iterations} step(s), per step:"));
+        text.AppendLine(FormattableString.Invariant($"{RunExecution.Describe(r.Spec, r.Shape)}, {r.Layout} sharding, {s.Iterations} step(s){(s.Warmup > 0 ? $" after {s.Warmup} warm-up step(s)" : "")}, per step:"));
         text.AppendLine(FormattableString.Invariant($"{"rank",4} {"tokens",10} {"fwd ms",10} {"bwd ms",10} {"compute ms",10} {"comm ms",10} {"GFLOP/s",9}"));
         foreach (var m in r.Ranks)
             text.AppendLine(FormattableString.Invariant($"{m.Rank,4} {m.LocalTokens,10} {m.ForwardMs,10:F1} {(s.Backward ? m.BackwardMs.ToString("F1", CultureInfo.InvariantCulture) : "-"),10} {m.ComputeMs,10:F1} {m.CommunicationMs,10:F1} {m.Gflops(r.Flops, r.Ranks.Count),9:F1}"));
         text.AppendLine(FormattableString.Invariant($"{"rank",4} {"sent/step",12} {"received/step",14} {(inProcess ? "peak RSS (process)" : "peak RSS (rank)"),20} {"alloc/step",11}"));
         foreach (var m in r.Ranks)
             text.AppendLine(FormattableString.Invariant($"{m.Rank,4} {Bytes(m.BytesSentPerStep),12} {Bytes(m.BytesReceivedPerStep),14} {Bytes(m.PeakBytes),20} {(double.IsNaN(m.AllocatedBytesPerStep) ? "-" : Bytes(m.AllocatedBytesPerStep)),11}"));
-        if (s.Iterations > 1)
+        if (s.Iterations > 1 || s.Warmup > 0)
+        {
+            string steps = s.Warmup > 0 ? "per timed step" : "per step after the first";
             text.AppendLine(inProcess
-                ? FormattableString.Invariant($"alloc/step: managed bytes allocated per step after the first, the process's total / {r.Ranks.Count} ranks")
-                : "alloc/step: managed bytes each rank's process allocated per step after the first");
+                ? FormattableString.Invariant($"alloc/step: managed bytes allocated {steps}, the process's total / {r.Ranks.Count} ranks")
+                : $"alloc/step: managed bytes each rank's process allocated {steps}");
+        }
         if (s.Link is not null)
         {
             // The emulated link: how long each rank's collectives were in flight and how much of that it waited.
@@ -67,6 +70,7 @@ internal static class RunSummary
             b = r.Shape.Batch, n = r.Shape.SeqLen, h = r.Shape.Heads, hk = r.Shape.KvHeads, d = r.Shape.HeadDim, dv = r.Shape.ValueDim,
             backward = s.Backward,
             iterations = s.Iterations,
+            warmup = s.Warmup,
             flopsPerStep = r.Flops,
             allocatedBytesPerStep = AllocatedPerStep(r),
             wallMs = r.TotalMs,

@@ -64,7 +64,7 @@ internal static class ScalingCommand
             }
             int world = launch.Kind == LaunchKind.Mpich ? launch.Size : plan.Ranks.Max();
             int ranksHere = launch.Kind == LaunchKind.Mpich ? Math.Max(1, launch.LocalSize) : world;
-            int threads = Math.Max(1, Environment.ProcessorCount / ranksHere);
+            int threads = RankAffinity.ThreadsPerRank(ranksHere);
             bool bar = rankZero && !parse.GetValue(noProgress) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
             List<CaseResult> results = [];
             List<string> skipped = [];

@@ -46,7 +46,7 @@ internal static class TrainExecution
     {
         bool underMpi = launch.Kind == LaunchKind.Mpich;
         int ranksHere = underMpi ? Math.Max(1, launch.LocalSize) : s.Ranks;
-        int threads = Math.Max(1, Environment.ProcessorCount / ranksHere);
+        int threads = RankAffinity.ThreadsPerRank(ranksHere);
         return RankRunner.Run(launch, s.Ranks, comm =>
         {
             using var backend = new CpuBackend(threads);
