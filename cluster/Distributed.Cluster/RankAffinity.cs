@@ -47,7 +47,8 @@ public static unsafe class RankAffinity
     {
         ArgumentNullException.ThrowIfNull(launch);
         string mode = Mode() ?? throw new InvalidOperationException($"{EnvironmentVariable}={Environment.GetEnvironmentVariable(EnvironmentVariable)} is not a binding mode: use auto (pin each MPI rank to its share of the host's cores, the default) or off.");
-        if (Environment.GetEnvironmentVariable(RestartedVariable) is { } restarted) return Description = $"cores {restarted}";
+        // Restarted inside its share: report the mask the process really has.
+        if (Environment.GetEnvironmentVariable(RestartedVariable) is not null) return Description = AllowedCpus() is { } now ? $"cores {Ranges(now)}" : "not pinned";
         if (mode == "off") return Description = $"not pinned ({EnvironmentVariable}=off)";
         if (MyShare(launch) is not { } mine) return Description = AllowedCpus() is { } a && OnlineCpus() is { } o && a.Count < o.Count ? "bound by the launcher" : "not pinned";
         PinAllThreads(mine);
