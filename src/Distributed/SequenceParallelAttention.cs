@@ -20,7 +20,7 @@ public enum AttentionKind
 /// </summary>
 public enum ParallelScheme
 {
-    /// <summary>LASP-2 (lightning): one all-gather of [B,H,D,Dv] chunk states per pass.</summary>
+    /// <summary>LASP-2 (lightning): the [B,H,D,Dv] chunk states all-gathered once per pass (overlapped zigzag: in two halves).</summary>
     [RegisteredScheme(typeof(Lasp2Descriptor))] Lasp2,
     /// <summary>LASP-1 (lightning): the chunk states travel along a serial chain of P−1 point-to-point hops per pass (contiguous layout).</summary>
     [RegisteredScheme(typeof(Lasp1Descriptor))] Lasp1,

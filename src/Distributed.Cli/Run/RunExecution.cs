@@ -198,7 +198,7 @@ internal static class RunExecution
                 if (s.JsonPath is not null) RunSummary.WriteJson(s.JsonPath, results, s, outputs?.Targets, committed);
                 if (representative)
                     Console.WriteLine(passed
-                        ? "Shown: LASP-2 (one all-gather of [B,H,D,Dv] states per pass, bytes independent of N) and all-gather-KV softmax split over the ranks match an independent fp64 reference on sampled rows, forward and backward."
+                        ? "Shown: LASP-2 (its [B,H,D,Dv] states all-gathered once per pass, bytes independent of N) and all-gather-KV softmax split over the ranks match an independent fp64 reference on sampled rows, forward and backward."
                         : "FAILED: the distributed result differs from the fp64 reference beyond tolerance.");
             }
             return passed && committed ? 0 : 1;

@@ -107,7 +107,7 @@ internal sealed class SchemeCostModel(ClusterPreset hardware, KernelRates rates,
         double comm = 2 * c.AllGather(block);
         double compute = LightningSeconds();
         return Make("lasp2", "lightning", compute, comm, compute + comm, 2 * block, 2 * ranks * block,
-            $"one all-gather of {chunks} state(s) per pass, not overlapped");
+            $"one all-gather of {chunks} state(s) per pass, not overlapped (as --no-overlap; lasp2-paper is the overlapped run)");
     }
 
     private SchemeEstimate Lasp1()

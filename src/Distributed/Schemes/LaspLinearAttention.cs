@@ -15,7 +15,9 @@ namespace Distributed.Schemes;
 /// With <see cref="SequenceParallelOptions.Overlap"/> (the default) the all-gather is started right after the
 /// chunk states and the intra-chunk work (S0 = 0, dS_end = 0) runs while it is in flight; the inter-chunk terms
 /// (<see cref="IKernelBackend.LightningInterChunkForward"/>, <see cref="IKernelBackend.LightningInterChunkBackward"/>)
-/// are added after the wait, as the LASP-2 paper designs it.
+/// are added after the wait, as the LASP-2 paper designs it. Zigzag overlapped sends the same bytes as one
+/// all-gather per half (each rank's first chunks, then its second ones; the reverse in backward), each started
+/// as soon as its states exist, and adds each chunk's inter-chunk term as soon as the halves it needs arrived.
 /// </summary>
 internal sealed class LaspLinearAttention : IScheme
 {
@@ -331,7 +333,7 @@ internal sealed class Lasp2Descriptor : SchemeDescriptor
 {
     public override string CliName => "lasp2";
     public override IReadOnlyList<AttentionKind> Kinds { get; } = [AttentionKind.Lightning];
-    public override string Summary => "LASP-2: one all-gather of [B,H,D,Dv] chunk states per pass";
+    public override string Summary => "LASP-2: [B,H,D,Dv] chunk states all-gathered once per pass (in two halves when overlapped)";
     public override ShardLayout DefaultLayout(SequenceParallelOptions options) => options.Causal ? ShardLayout.Zigzag : ShardLayout.Contiguous;
     public override IScheme Create(SchemeSetup s) => new LaspLinearAttention(s.Communicator, s.Backend, s.Shape, s.Options, s.Layout, s.Clock);
 
