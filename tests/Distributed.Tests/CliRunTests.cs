@@ -90,6 +90,7 @@ public sealed class CliRunTests(ITestOutputHelper output)
     [Theory]
     [InlineData("--heads 8 --kv-heads 3", "--kv-heads")]
     [InlineData("--iterations 0", "--iterations")]
+    [InlineData("--warmup -1", "--warmup")]
     [InlineData("--decay 1.5 --attention lightning", "--decay")]
     [InlineData("--causal --no-causal", "--no-causal")]
     public void Run_BadOption_ExitsTwoNamingTheOption(string args, string named)

@@ -52,6 +52,30 @@ public sealed class CliStepAllocationTests(ITestOutputHelper output) : IDisposab
     }
 
     [Fact]
+    public void Run_Warmup_StepsAreNotTimedOrCounted_OneTimedStepHasASteadyState()
+    {
+        string cold = Path.Combine(_dir, "cold.json"), warm = Path.Combine(_dir, "warm.json");
+        const string Job = "run --ranks 2 --attention lightning --scheme lasp2 --seq 256 --heads 2 --head-dim 16 --backward --backend cpu --no-progress";
+        var a = Dsattn.Run($"{Job} --json {cold}", TimeSpan.FromSeconds(60), output);
+        var b = Dsattn.Run($"{Job} --warmup 2 --json {warm}", TimeSpan.FromSeconds(60), output);
+        Assert.True(a.ExitCode == 0 && b.ExitCode == 0, a.Stdout + a.Stderr + b.Stdout + b.Stderr);
+        Assert.Contains("1 step(s) after 2 warm-up step(s)", b.Stdout, StringComparison.Ordinal);
+        var c = JsonDocument.Parse(File.ReadAllText(cold)).RootElement[0];
+        var w = JsonDocument.Parse(File.ReadAllText(warm)).RootElement[0];
+        Assert.Equal(2, w.GetProperty("warmup").GetInt32());
+        // The warm-up steps' traffic is not in the timed step's figures: the same bytes per step as without them.
+        for (int r = 0; r < 2; r++)
+        {
+            var (rc, rw) = (c.GetProperty("ranks")[r], w.GetProperty("ranks")[r]);
+            Assert.Equal(rc.GetProperty("bytesSent").GetDouble(), rw.GetProperty("bytesSent").GetDouble());
+            Assert.Equal(rc.GetProperty("bytesReceived").GetDouble(), rw.GetProperty("bytesReceived").GetDouble());
+        }
+        // After a warm-up even one timed step is steady state, so it has an allocation figure.
+        Assert.Equal(JsonValueKind.Null, c.GetProperty("allocatedBytesPerStep").ValueKind);
+        Assert.True(w.GetProperty("allocatedBytesPerStep").GetDouble() > 0);
+    }
+
+    [Fact]
     public void RunUnderMpiexec_ReportsEachProcess()
     {
         string json = Path.Combine(_dir, "run.json");
