@@ -57,6 +57,20 @@ internal static unsafe class CpuLightningInterChunk
 
     private static float Power(double ln, long n) => (float)Math.Exp(n * ln);
 
+    /// <summary>
+    /// Row i of <paramref name="dst"/> (stride <paramref name="dstStride"/>) += λ^(p0 + step·i) · row i of
+    /// <paramref name="src"/>, for i &lt; rows, vectorized; λ^p = exp(p·ln), never divided by.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void AddDecayedRows(float* dst, long dstStride, float* src, int srcStride, int rows, int width, double ln, long p0, int step)
+    {
+        for (int i = 0; i < rows; i++)
+        {
+            float* row = dst + i * dstStride;
+            CpuMath.AddScaled(row, row, src + (long)i * srcStride, ln == 0.0 ? 1f : Power(ln, p0 + (long)step * i), width, false);
+        }
+    }
+
     public static void Forward(CpuTensor q, float[] decay, bool causal, CpuTensor s0, CpuTensor o, int b0, int n, int heads, int d, int dv, int threads)
     {
         float* Q = q.Pointer, S0 = s0.Pointer, O = o.Pointer;
@@ -71,12 +85,7 @@ internal static unsafe class CpuLightningInterChunk
                 int bl = Math.Min(T, n - t0);
                 LoadRows(Q, n, heads, d, b, h, t0, bl, t.DP, t.X);
                 CpuMath.Gemm(bl, t.DvP, d, t.X, 1, t.DP, t.S, t.DvP, t.Y, t.DvP, false);
-                for (int i = 0; i < bl; i++)
-                {
-                    float w = Power(ln, t0 + i + 1);
-                    float* dst = O + (((long)b * n + t0 + i) * heads + h) * dv, src = t.Y + i * t.DvP;
-                    for (int e = 0; e < dv; e++) dst[e] += w * src[e];
-                }
+                AddDecayedRows(O + (((long)b * n + t0) * heads + h) * dv, (long)heads * dv, t.Y, t.DvP, bl, dv, ln, t0 + 1, 1);
             }
         });
     }
@@ -100,12 +109,7 @@ internal static unsafe class CpuLightningInterChunk
                     int bl = Math.Min(T, n - t0);
                     LoadRows(G, n, x.H, dv, b, h, t0, bl, t.DvP, t.X);
                     CpuMath.Gemm(bl, t.DP, dv, t.X, 1, t.DvP, t.St, t.DP, t.Y, t.DP, false);
-                    for (int i = 0; i < bl; i++)
-                    {
-                        float w = Power(ln, t0 + i + 1);
-                        float* dst = DQ + (((long)b * n + t0 + i) * x.H + h) * d, src = t.Y + i * t.DP;
-                        for (int c = 0; c < d; c++) dst[c] += w * src[c];
-                    }
+                    AddDecayedRows(DQ + (((long)b * n + t0) * x.H + h) * d, (long)x.H * d, t.Y, t.DP, bl, d, ln, t0 + 1, 1);
                 }
             });
         }
@@ -127,21 +131,11 @@ internal static unsafe class CpuLightningInterChunk
                         // dk_j += w_j dS_end v_j: rows of V times dS_endᵀ.
                         LoadRows(V, n, x.Hk, dv, b, hk, t0, bl, t.DvP, t.X);
                         CpuMath.Gemm(bl, t.DP, dv, t.X, 1, t.DvP, t.St, t.DP, t.Y, t.DP, false);
-                        for (int j = 0; j < bl; j++)
-                        {
-                            float w = Power(ln, n - 1 - (t0 + j));
-                            float* dst = DK + (((long)b * n + t0 + j) * x.Hk + hk) * d, src = t.Y + j * t.DP;
-                            for (int c = 0; c < d; c++) dst[c] += w * src[c];
-                        }
+                        AddDecayedRows(DK + (((long)b * n + t0) * x.Hk + hk) * d, (long)x.Hk * d, t.Y, t.DP, bl, d, ln, n - 1 - t0, -1);
                         // dv_j += w_j dS_endᵀ k_j: rows of K times dS_end.
                         LoadRows(K, n, x.Hk, d, b, hk, t0, bl, t.DP, t.X);
                         CpuMath.Gemm(bl, t.DvP, d, t.X, 1, t.DP, t.S, t.DvP, t.Y, t.DvP, false);
-                        for (int j = 0; j < bl; j++)
-                        {
-                            float w = Power(ln, n - 1 - (t0 + j));
-                            float* dst = DV + (((long)b * n + t0 + j) * x.Hk + hk) * dv, src = t.Y + j * t.DvP;
-                            for (int e = 0; e < dv; e++) dst[e] += w * src[e];
-                        }
+                        AddDecayedRows(DV + (((long)b * n + t0) * x.Hk + hk) * dv, (long)x.Hk * dv, t.Y, t.DvP, bl, dv, ln, n - 1 - t0, -1);
                     }
                 }
             });

@@ -24,6 +24,7 @@ internal static class BenchCommand
     [
         "flash-forward", "flash-backward", "lightning-forward", "lightning-backward",
         "softmax-row-dot", "merge-softmax", "copy-slice", "lightning-chunk-state", "lightning-chunk-state-backward",
+        "lightning-inter-chunk-forward", "lightning-inter-chunk-backward",
     ];
 
     private const string PeerProject = "benchmarks/Distributed.Benchmarks.Torch/Distributed.Benchmarks.Torch.csproj";
@@ -318,6 +319,9 @@ internal static class BenchCommand
             double state = 2.0 * b * h * n * (double)d * d;
             if (wanted.Contains("lightning-chunk-state")) steps.Add(("lightning-chunk-state", causal, () => Time(be, () => be.LightningChunkState(k, v, decay, causal, m)), state, double.NaN));
             if (wanted.Contains("lightning-chunk-state-backward")) steps.Add(("lightning-chunk-state-backward", causal, () => Time(be, () => be.LightningChunkStateBackward(q, dO, decay, causal, m)), state, double.NaN));
+            // LASP-2's inter-chunk terms: o += λ^(i+1) q S0 (one product); dq, dk, dv from S0 and dS_end (three).
+            if (wanted.Contains("lightning-inter-chunk-forward")) steps.Add(("lightning-inter-chunk-forward", causal, () => Time(be, () => be.LightningInterChunkForward(q, decay, causal, m, o)), state, double.NaN));
+            if (wanted.Contains("lightning-inter-chunk-backward")) steps.Add(("lightning-inter-chunk-backward", causal, () => Time(be, () => be.LightningInterChunkBackward(q, k, v, decay, causal, m, dO, m, dq, dk, dv)), 3 * state, double.NaN));
         }
         // The per-row steps have no causal variant; they are listed once, as non-causal.
         if (wanted.Contains("softmax-row-dot")) steps.Add(("softmax-row-dot", false, () => Time(be, () => be.SoftmaxRowDot(q, dO, drow)), 2 * elems, 4 * (2 * elems + (double)b * h * n)));
