@@ -6,8 +6,8 @@ namespace Distributed.Cluster;
 /// <summary>
 /// Pins each MPI rank of a host to its own share of the host's cores, so that ranks sharing a host do not
 /// migrate between cores and get unequal CPU. Unpinned, four ranks on two cores got compute times from 353 to
-/// 683 ms in the same ring step, and every fast rank's wait for a slow neighbour counts against overlap; pinned,
-/// 476–526 ms. Whole physical cores are handed out (SMT siblings stay together): with L local ranks and C cores
+/// 683 ms in the same ring step, and every fast rank's wait for a slow neighbour counts against overlap; pinned
+/// (restarted inside the share, <see cref="RestartPinned"/>), 478–511 ms. Whole physical cores are handed out (SMT siblings stay together): with L local ranks and C cores
 /// each rank gets C / L of them; with more ranks than cores, rank l gets core <c>l mod C</c>.
 /// </summary>
 /// <remarks>
@@ -81,9 +81,9 @@ public static unsafe class RankAffinity
     /// For an executable's first line: when this process is an MPI rank that <see cref="Apply"/> would pin, pins
     /// the calling thread and executes the same command line again, so that the runtime starts inside its
     /// share. The runtime sizes itself at start-up from the CPUs it may use (its processor count sets how
-    /// long waits spin before they sleep): 4 ranks pinned after start-up on 2 cores each kept a runtime sized
-    /// for 2 CPUs and hid 54–78% of a ring's link, against 89–90% (and steadier compute) when started inside
-    /// one core. Returns without doing anything when nothing is to be done, and also when the exec fails
+    /// long waits spin before they sleep): 4 ranks on 2 cores pinned after start-up kept a runtime sized for
+    /// 2 CPUs and hid 53–90% of a ring's emulated link (7 rounds), against 89–90% (6 rounds, and steadier
+    /// compute) with the runtime sized for the one core they run on. Returns without doing anything when nothing is to be done, and also when the exec fails
     /// (then <see cref="Apply"/> pins the running process).
     /// </summary>
     public static void RestartPinned()
