@@ -90,20 +90,26 @@ internal static class RankJob
         if (comm.Rank == s.FailRank && s.FailAt == "start")
             throw new InvalidOperationException($"injected failure on rank {comm.Rank} (--fail-rank {s.FailRank}), while the other ranks wait in the scheme's first collective");
 
+        // One step: forward (and backward), each timed to its device's completion.
+        (double Forward, double Backward) Step()
+        {
+            var sw = Stopwatch.StartNew();
+            attention.Forward(q, k, v, o);
+            backend.Synchronize();
+            double forward = sw.Elapsed.TotalMilliseconds;
+            progress.Advance(1);
+            if (!s.Backward) return (forward, 0);
+            sw.Restart();
+            attention.Backward(dO!, dQ!, dK!, dV!);
+            backend.Synchronize();
+            progress.Advance(2.5);
+            return (forward, sw.Elapsed.TotalMilliseconds);
+        }
+
         if (s.Warmup > 0)
         {
             progress.Phase($"{s.Warmup} warm-up step(s)", s.Warmup * (s.Backward ? 3.5 : 1));
-            for (int w = 0; w < s.Warmup; w++)
-            {
-                attention.Forward(q, k, v, o);
-                progress.Advance(1);
-                if (s.Backward)
-                {
-                    attention.Backward(dO!, dQ!, dK!, dV!);
-                    progress.Advance(2.5);
-                }
-            }
-            backend.Synchronize();
+            for (int w = 0; w < s.Warmup; w++) Step();
         }
         comm.Barrier();
         attention.ResetTimings();
@@ -119,19 +125,9 @@ internal static class RankJob
         for (int it = 0; it < s.Iterations; it++)
         {
             if (!warmed && it == 1) allocatedMark = AllocatedBytesMark(comm);
-            var sw = Stopwatch.StartNew();
-            attention.Forward(q, k, v, o);
-            backend.Synchronize();
-            forwardMs += sw.Elapsed.TotalMilliseconds;
-            progress.Advance(1);
-            if (s.Backward)
-            {
-                sw.Restart();
-                attention.Backward(dO!, dQ!, dK!, dV!);
-                backend.Synchronize();
-                backwardMs += sw.Elapsed.TotalMilliseconds;
-                progress.Advance(2.5);
-            }
+            var (forward, backward) = Step();
+            forwardMs += forward;
+            backwardMs += backward;
         }
         // In-process ranks share the process's counter: its growth over the steps is divided among them.
         double allocatedPerStep = allocatedSteps > 0
