@@ -101,7 +101,7 @@ public static unsafe class RankAffinity
         }
         if (argv.Length == 0) return;
         var mask = stackalloc ulong[MaskWords];
-        foreach (int c in mine) mask[c / 64] |= 1UL << (c % 64);
+        SetMask(mine, mask);
         if (sched_setaffinity(0, MaskWords * sizeof(ulong), mask) != 0) return;
         var env = Environment.GetEnvironmentVariables().Cast<System.Collections.DictionaryEntry>()
             .Select(e => $"{e.Key}={e.Value}").Append($"{RestartedVariable}={Ranges(mine)}");
@@ -203,10 +203,16 @@ public static unsafe class RankAffinity
     private static void PinAllThreads(IReadOnlyList<int> cpus)
     {
         var mask = stackalloc ulong[MaskWords];
-        foreach (int c in cpus) mask[c / 64] |= 1UL << (c % 64);
+        SetMask(cpus, mask);
         foreach (var dir in Directory.GetDirectories("/proc/self/task"))
             if (int.TryParse(Path.GetFileName(dir), NumberStyles.None, CultureInfo.InvariantCulture, out int tid))
                 _ = sched_setaffinity(tid, MaskWords * sizeof(ulong), mask); // a thread that just ended fails harmlessly
+    }
+
+    /// <summary>Sets the bits of <paramref name="cpus"/> in a zeroed mask of <see cref="MaskWords"/> words.</summary>
+    private static void SetMask(IReadOnlyList<int> cpus, ulong* mask)
+    {
+        foreach (int c in cpus) mask[c / 64] |= 1UL << (c % 64);
     }
 
     [DllImport("libc", SetLastError = true)]
