@@ -72,6 +72,14 @@ public sealed class OverlapTests(ITestOutputHelper output)
     }
 
     /// <summary>Each rank's hidden share of its link time over one ring forward + backward step on 3 ranks.</summary>
+    /// <summary>A [1, n, 4, 64] tensor of uniform values in ±scale/2, drawn from <paramref name="rng"/>.</summary>
+    private static DeviceTensor RandomRows(CpuBackend backend, int n, Random rng, float scale)
+    {
+        var t = backend.Allocate(1, n, 4, 64);
+        t.CopyFromHost(Enumerable.Range(0, n * 4 * 64).Select(_ => (float)(rng.NextDouble() - 0.5) * scale).ToArray());
+        return t;
+    }
+
     private static double[] RingHiddenOnEmulatedLink(bool overlap, bool backwardOnly)
     {
         // Causal softmax, 3 ranks, 1,536 tokens: each block step computes for tens of milliseconds per rank on
@@ -87,13 +95,7 @@ public sealed class OverlapTests(ITestOutputHelper output)
             using var attention = new SequenceParallelAttention(comm, backend, shape, options);
             int n = attention.LocalTokens;
             var rng = new Random(7 + comm.Rank);
-            DeviceTensor Make()
-            {
-                var t = backend.Allocate(1, n, 4, 64);
-                t.CopyFromHost(Enumerable.Range(0, n * 4 * 64).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray());
-                return t;
-            }
-            using DeviceTensor q = Make(), k = Make(), v = Make(), dO = Make();
+            using DeviceTensor q = RandomRows(backend, n, rng, 1f), k = RandomRows(backend, n, rng, 1f), v = RandomRows(backend, n, rng, 1f), dO = RandomRows(backend, n, rng, 1f);
             using DeviceTensor o = backend.Allocate(1, n, 4, 64), dq = backend.Allocate(1, n, 4, 64), dk = backend.Allocate(1, n, 4, 64), dv = backend.Allocate(1, n, 4, 64);
             comm.Statistics.Reset();
             attention.Forward(q, k, v, o);
@@ -132,13 +134,7 @@ public sealed class OverlapTests(ITestOutputHelper output)
             using var attention = new SequenceParallelAttention(comm, backend, shape, options);
             int n = attention.LocalTokens;
             var rng = new Random(5 + comm.Rank);
-            DeviceTensor Make(int width)
-            {
-                var t = backend.Allocate(1, n, 4, width);
-                t.CopyFromHost(Enumerable.Range(0, n * 4 * width).Select(_ => (float)(rng.NextDouble() - 0.5) * 0.2f).ToArray());
-                return t;
-            }
-            using DeviceTensor q = Make(64), k = Make(64), v = Make(64), dO = Make(64);
+            using DeviceTensor q = RandomRows(backend, n, rng, 0.2f), k = RandomRows(backend, n, rng, 0.2f), v = RandomRows(backend, n, rng, 0.2f), dO = RandomRows(backend, n, rng, 0.2f);
             using DeviceTensor o = backend.Allocate(1, n, 4, 64), dq = backend.Allocate(1, n, 4, 64), dk = backend.Allocate(1, n, 4, 64), dv = backend.Allocate(1, n, 4, 64);
             comm.Statistics.Reset();
             attention.Forward(q, k, v, o);
